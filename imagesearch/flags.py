@@ -1,0 +1,46 @@
+"""Command-line flags with environment-variable twins.
+
+Every flag of both services can also be set by an environment variable (the
+twin is shown in --help), which is how containers are configured. Flags win
+over the environment; the environment wins over the built-in default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Callable
+
+
+class EnvArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose `env_flag` reads a default from the environment."""
+
+    def __init__(self, *args: Any, env_prefix: str, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.env_prefix = env_prefix
+
+    def env_flag(self, flag: str, *, default: Any, help: str,
+                 type: Callable[[str], Any] = str, **kwargs: Any) -> None:
+        """Add `--flag` with twin PREFIX_FLAG (dashes become underscores)."""
+        env = self.env_prefix + flag.lstrip("-").replace("-", "_").upper()
+        raw = os.environ.get(env)
+        if raw is not None:
+            try:
+                default = type(raw)
+            except ValueError as exc:
+                self.error(f"environment variable {env}={raw!r} is invalid: {exc}")
+        self.add_argument(flag, default=default, type=type, help=f"{help} [env: {env}]", **kwargs)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError(f"must be above 0, got {value}")
+    return value
