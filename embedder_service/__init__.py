@@ -1,0 +1,1 @@
+"""The embedder service: CLIP text and image encoders over gRPC."""

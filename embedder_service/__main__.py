@@ -1,0 +1,35 @@
+"""`python -m embedder_service`: load the model, warm up, serve until SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from embedder_service.config import parse_config
+from embedder_service.model import ClipEncoder, ModelLoadError
+from embedder_service.servicer import EmbedderServicer
+from imagesearch.serving import serve, setup_logging
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+
+log = logging.getLogger("embedder_service")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    setup_logging(config.log_level)
+    try:
+        encoder = ClipEncoder(config.model, config.device, config.dtype, config.model_batch_size)
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    servicer = EmbedderServicer(encoder, config)
+    service_name = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
+    asyncio.run(serve(
+        name="embedder", address=config.address, grace_s=config.grace_s,
+        max_message_bytes=config.max_message_mb << 20, service_names=[service_name],
+        register=lambda server: embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server),
+        ready=servicer.warm_up))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Embedder configuration: flags with EMBEDDER_* environment twins, parsed once."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from imagesearch.flags import EnvArgumentParser, positive_float, positive_int
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    model: str
+    device: str
+    dtype: str
+    host: str
+    port: int
+    max_batch_items: int
+    model_batch_size: int
+    preprocess_workers: int
+    max_image_pixels: int
+    max_message_mb: int
+    grace_s: float
+    log_level: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def build_parser() -> EnvArgumentParser:
+    p = EnvArgumentParser(
+        prog="python -m embedder_service", env_prefix="EMBEDDER_",
+        description="Serve CLIP text and image embeddings over gRPC (imagesearch.v1.Embedder). "
+                    "Vectors are L2-normalised; texts longer than the model's context are truncated.")
+    p.env_flag("--model", default=DEFAULT_MODEL,
+               help="CLIP checkpoint: a Hugging Face hub id or a local directory written by "
+                    "save_pretrained. Offline machines need a local directory (or a filled "
+                    "HF cache with HF_HUB_OFFLINE=1)")
+    p.env_flag("--device", default="auto",
+               help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.env_flag("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+               help="weights dtype: auto is float16 on CUDA and float32 on CPU")
+    p.env_flag("--host", default="0.0.0.0", help="address to listen on")
+    p.env_flag("--port", default=50051, type=int, help="port to listen on")
+    p.env_flag("--max-batch-items", default=512, type=positive_int,
+               help="most texts or images accepted in one request (more: INVALID_ARGUMENT)")
+    p.env_flag("--model-batch-size", default=64, type=positive_int,
+               help="most items in one forward pass; larger requests run in several passes")
+    p.env_flag("--preprocess-workers", default=os.cpu_count() or 1, type=positive_int,
+               help="threads that decode and resize images in parallel")
+    p.env_flag("--max-image-pixels", default=50_000_000, type=positive_int,
+               help="images declaring more pixels are refused before decoding "
+                    "(decompression-bomb guard)")
+    p.env_flag("--max-message-mb", default=64, type=positive_int,
+               help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
+    p.env_flag("--grace-s", default=10.0, type=positive_float,
+               help="on SIGTERM, seconds in-flight calls get to finish")
+    p.env_flag("--log-level", default="info", help="debug, info, warning or error")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> EmbedderConfig:
+    return EmbedderConfig(**vars(build_parser().parse_args(argv)))

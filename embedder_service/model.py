@@ -1,0 +1,120 @@
+"""Loading a CLIP checkpoint and running its two encoders.
+
+Any CLIP checkpoint loads through transformers `from_pretrained`, a hub id or
+a local directory alike; the test model in tests/fixtures loads the same way.
+A checkpoint that cannot be loaded is a start-up error (`ModelLoadError`):
+the service never falls back to some other model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, CLIPModel
+
+from embedder_service.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    dim: int
+    device: str
+    dtype: str
+    fingerprint: str
+    max_text_tokens: int
+
+
+def resolve_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """`auto` picks CUDA with float16 when present, else CPU with float32."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device} asked for CUDA but torch sees no GPU; "
+                             "use --device cpu or auto")
+    if dtype == "auto":
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    return dev, _DTYPES[dtype]
+
+
+def weights_fingerprint(model: CLIPModel) -> str:
+    """A short digest of both projections, taken in float32 so that the same
+    weights give the same fingerprint on any device or dtype."""
+    digest = hashlib.sha256()
+    for weight in (model.text_projection.weight, model.visual_projection.weight):
+        digest.update(weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _features(output: torch.Tensor | object) -> torch.Tensor:
+    # transformers 4.x returns the projected tensor; 5.x a ModelOutput whose
+    # pooler_output is the projected tensor.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class ClipEncoder:
+    """A CLIP model on one device: texts and preprocessed pixels in,
+    L2-normalised float32 vectors out. Not thread-safe: call from one thread."""
+
+    def __init__(self, name: str, device: str = "auto", dtype: str = "auto",
+                 batch_size: int = 64) -> None:
+        self.device, self.dtype = resolve_device(device, dtype)
+        self.batch_size = batch_size
+        started = time.perf_counter()
+        try:
+            model = CLIPModel.from_pretrained(name, dtype=torch.float32)
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+            self.preprocessor = Preprocessor.from_pretrained(name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(
+                f"cannot load CLIP checkpoint {name!r}: {exc}\n"
+                "What to do: pass --model (or EMBEDDER_MODEL) a local directory written by "
+                "CLIPModel.save_pretrained with its tokenizer and preprocessor_config.json, or a "
+                "hub id this machine can download; on an offline machine, fill the Hugging Face "
+                "cache first and set HF_HUB_OFFLINE=1.") from exc
+        fingerprint = weights_fingerprint(model)
+        self.model = model.to(self.device, self.dtype).eval()
+        self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        self.info = ModelInfo(name=name, dim=int(model.config.projection_dim),
+                              device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
+                              fingerprint=fingerprint, max_text_tokens=self.max_text_tokens)
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s in %.1f s: dim %d on %s/%s, fingerprint %s", name, self.load_seconds,
+                 self.info.dim, self.info.device, self.info.dtype, fingerprint)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), dim) vectors; texts past the context are truncated."""
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(texts[start:start + self.batch_size], padding=True,
+                                    truncation=True, max_length=self.max_text_tokens,
+                                    return_tensors="pt").to(self.device)
+            chunks.append(self._normalised(_features(self.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))))
+        return np.concatenate(chunks)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, dim) vectors from (N, 3, H, W) pixel values made by `self.preprocessor`."""
+        chunks = []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = torch.from_numpy(pixels[start:start + self.batch_size]).to(self.device, self.dtype)
+            chunks.append(self._normalised(_features(self.model.get_image_features(pixel_values=batch))))
+        return np.concatenate(chunks)
+
+    @staticmethod
+    def _normalised(features: torch.Tensor) -> np.ndarray:
+        features = features.float()
+        return torch.nn.functional.normalize(features, dim=-1).cpu().numpy()

@@ -1,0 +1,109 @@
+"""The imagesearch.v1.Embedder gRPC servicer.
+
+The event loop only validates and answers; image decoding runs on a thread
+pool (Pillow releases the GIL), and the model runs on one dedicated thread so
+that forward passes never interleave.
+"""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+
+from embedder_service.config import EmbedderConfig
+from embedder_service.model import ClipEncoder
+from embedder_service.preprocess import ImageDecodeError, decode_image
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+
+_MAX_LISTED = 10  # bad items named in one error message
+
+
+def _bad_items_message(kind: str, bad: list[tuple[int, str]]) -> str:
+    listed = "; ".join(f"{kind}[{i}]: {why}" for i, why in bad[:_MAX_LISTED])
+    more = f"; and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    return f"{len(bad)} bad item(s): {listed}{more}"
+
+
+class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
+    def __init__(self, encoder: ClipEncoder, config: EmbedderConfig) -> None:
+        self._encoder = encoder
+        self._config = config
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._preprocess_pool = ThreadPoolExecutor(config.preprocess_workers,
+                                                   thread_name_prefix="preprocess")
+        info = encoder.info
+        self._info = embedder_pb2.ModelInfo(
+            name=info.name, dim=info.dim, device=info.device, dtype=info.dtype,
+            fingerprint=info.fingerprint, max_text_tokens=info.max_text_tokens,
+            max_batch_items=config.max_batch_items)
+
+    async def _check_count(self, kind: str, count: int, context: grpc.aio.ServicerContext) -> None:
+        if count == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no {kind} in the request")
+        if count > self._config.max_batch_items:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{count} {kind} in one request; the limit is "
+                                f"{self._config.max_batch_items}: split the request")
+
+    async def _run_model(self, fn, arg, context: grpc.aio.ServicerContext) -> np.ndarray:
+        # A call that expired or was cancelled while queued costs no model time.
+        remaining = context.time_remaining()
+        if context.cancelled() or (remaining is not None and remaining <= 0):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before encoding")
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, arg)
+
+    @staticmethod
+    def _response(vectors: np.ndarray, errors: dict[int, str] | None = None) -> embedder_pb2.EncodeResponse:
+        errors = errors or {}
+        rows = iter(vectors.astype("<f4", copy=False))
+        total = len(vectors) + len(errors)
+        items = [embedder_pb2.Embedding(error=errors[i]) if i in errors
+                 else embedder_pb2.Embedding(vector=next(rows).tobytes()) for i in range(total)]
+        return embedder_pb2.EncodeResponse(embeddings=items, dim=vectors.shape[1])
+
+    async def EncodeText(self, request, context):
+        texts = list(request.texts)
+        await self._check_count("texts", len(texts), context)
+        bad = [(i, "empty or only whitespace") for i, t in enumerate(texts) if not t.strip()]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_items_message("texts", bad))
+        vectors = await self._run_model(self._encoder.encode_texts, texts, context)
+        return self._response(vectors)
+
+    def _prepare(self, data: bytes) -> np.ndarray | str:
+        """Pixels for one image, or the reason it cannot be used."""
+        try:
+            return self._encoder.preprocessor(decode_image(data, self._config.max_image_pixels))
+        except ImageDecodeError as exc:
+            return str(exc)
+
+    async def EncodeImage(self, request, context):
+        images = list(request.images)
+        await self._check_count("images", len(images), context)
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, self._prepare, data)
+                                          for data in images))
+        errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
+        if errors and not request.allow_partial:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                _bad_items_message("images", sorted(errors.items())))
+        good = [p for p in prepared if not isinstance(p, str)]
+        if not good:
+            return embedder_pb2.EncodeResponse(
+                embeddings=[embedder_pb2.Embedding(error=errors[i]) for i in range(len(images))],
+                dim=self._info.dim)
+        vectors = await self._run_model(self._encoder.encode_pixels, np.stack(good), context)
+        return self._response(vectors, errors)
+
+    async def GetModelInfo(self, request, context):
+        return self._info
+
+    async def warm_up(self) -> None:
+        """One text and one image through the model, so the first real call is not slow."""
+        loop = asyncio.get_running_loop()
+        size = self._encoder.preprocessor.crop_size
+        pixels = np.zeros((1, 3, size[0], size[1]), dtype=np.float32)
+        await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"])
+        await loop.run_in_executor(self._model_thread, self._encoder.encode_pixels, pixels)

@@ -1,0 +1,582 @@
+"""embedder_service.preprocess: decoding untrusted bytes, and pixel parity with
+the checkpoint's own slow (PIL) transformers CLIPImageProcessor.
+
+Parity cases run on real photographs (tests/fixtures/photos/, see its
+README.md) and on in-memory re-encodings of them in every supported format and
+pixel mode. The reference is always `processor(images=img, return_tensors="np")`
+on the image as Pillow opens it, turned upright by `ImageOps.exif_transpose`.
+
+The decode tests need only Pillow + numpy; the parity tests skip without
+transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run from anywhere, without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from embedder_service.preprocess import (  # noqa: E402
+    ImageDecodeError,
+    Preprocessor,
+    convert_to_rgb,
+    decode_image,
+)
+
+PHOTOS_DIR = ROOT / "tests" / "fixtures" / "photos"
+PHOTO_NAMES = ["coffee_wide.jpg", "astronaut_tall.jpg", "chelsea_small.jpg",
+               "camera_gray.jpg", "rocket.jpg"]
+
+# Max abs difference allowed between our pixel values and the processor's,
+# in normalised units. We replicate transformers' arithmetic exactly (same PIL
+# resize on uint8, same float64 rescale -> float32, same float32 normalise),
+# and measure 0.0 on every case. 1e-5 leaves room only for float32 operation
+# reordering in a future transformers (values are within about [-1.8, 2.2],
+# so a few float32 ulps are < 1e-6) while staying ~1400x smaller than one
+# uint8 grey level, which is 1 / 255 / std >= 0.0142 after normalisation: any
+# pixel that decodes, resizes, crops or composites differently fails.
+PARITY_ATOL = 1e-5
+ONE_GREY_LEVEL = 1 / 255 / max(0.26862954, 0.26130258, 0.27577711)
+assert PARITY_ATOL < ONE_GREY_LEVEL / 100
+
+# Processor settings under test: the CLIPImageProcessor defaults (224 px,
+# OpenAI mean/std = openai/clip-vit-base-patch32) and a 64-px one.
+CONFIGS = {
+    "clip224": {},
+    "clip64": {"size": {"shortest_edge": 64}, "crop_size": {"height": 64, "width": 64}},
+}
+
+MEASURED: dict[str, float] = {}  # case -> max abs diff, printed with `pytest -rP`
+
+
+# --------------------------------------------------------------------------
+# helpers
+
+
+def _reference_class():
+    pytest.importorskip("transformers")
+    try:  # transformers 5.x: the slow PIL processor has its own class
+        from transformers import CLIPImageProcessorPil as cls
+    except ImportError:  # 4.x: CLIPImageProcessor is the slow one
+        from transformers import CLIPImageProcessor as cls
+    return cls
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(config_name: str):
+    reference = _reference_class()(**CONFIGS[config_name])
+    return reference, Preprocessor.from_processor(reference)
+
+
+def _reference_pixels(reference, image: Image.Image) -> np.ndarray:
+    out = reference(images=image, return_tensors="np")["pixel_values"]
+    return np.asarray(out)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def photo_bytes(name: str) -> bytes:
+    return (PHOTOS_DIR / name).read_bytes()
+
+
+def photo(name: str) -> Image.Image:
+    with Image.open(io.BytesIO(photo_bytes(name))) as im:
+        im.load()
+        return im.copy()
+
+
+def encode(image: Image.Image, fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+
+def png_from_rows(width: int, height: int, bit_depth: int, color_type: int, rows) -> bytes:
+    """A PNG written by hand: `rows` yields each row's raw bytes (filter 0 is
+    prepended), compressed as a stream so huge images need little memory."""
+    comp = zlib.compressobj(9)
+    parts, pending = [], []
+    for row in rows:
+        pending.append(b"\x00" + row)
+        if len(pending) >= 1024:
+            parts.append(comp.compress(b"".join(pending)))
+            pending = []
+    parts.append(comp.compress(b"".join(pending)))
+    parts.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b""))
+
+
+@functools.lru_cache(maxsize=None)
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit grayscale PNG of zeros: ~110 KB for 30000x30000, which
+    would be 900 MB once decoded (2.7 GB as RGB)."""
+    row = bytes((width + 7) // 8)
+    return png_from_rows(width, height, 1, 0, (row for _ in range(height)))
+
+
+def with_exif_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=90, exif=exif.tobytes())
+
+
+def _noise_low_byte(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint16)
+
+
+# --------------------------------------------------------------------------
+# parity cases: name -> () -> (bytes, reference image or None)
+# None means: the image as Pillow opens it, made upright by exif_transpose.
+
+
+def _sized(name: str, width: int, height: int):
+    def build():
+        src = photo(name).convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        return encode(src, "PNG", compress_level=1), None
+    return build
+
+
+def _rgba_gradient():
+    rgb = photo("coffee_wide.jpg")
+    alpha = np.tile(np.linspace(0, 255, rgb.width).round().astype(np.uint8), (rgb.height, 1))
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(alpha))
+    return encode(rgba, "PNG", compress_level=1), None
+
+
+def _la_gradient():
+    gray = photo("camera_gray.jpg")
+    alpha = np.tile(np.linspace(255, 0, gray.height).round().astype(np.uint8)[:, None],
+                    (1, gray.width))
+    la = Image.merge("LA", (gray, Image.fromarray(alpha)))
+    return encode(la, "PNG", compress_level=1), None
+
+
+def _palette(transparency: bool, fmt: str):
+    def build():
+        p = photo("astronaut_tall.jpg").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+        params = {}
+        if transparency:  # the background colour at the top-left turns transparent
+            params["transparency"] = p.getpixel((0, 0))
+        data = encode(p, fmt, **params)
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.mode == "P"
+            assert ("transparency" in im.info) == transparency
+        return data, None
+    return build
+
+
+def _gray_transparency():
+    gray = photo("camera_gray.jpg")
+    return encode(gray, "PNG", transparency=gray.getpixel((0, 0)), compress_level=1), None
+
+
+def _rgb_colour_key():
+    rgb = photo("chelsea_small.jpg")
+    return encode(rgb, "PNG", transparency=rgb.getpixel((0, 0))), None
+
+
+def _bilevel():
+    return encode(photo("camera_gray.jpg").convert("1"), "PNG"), None
+
+
+def _cmyk_jpeg():
+    data = encode(photo("coffee_wide.jpg").convert("CMYK"), "JPEG", quality=90)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "CMYK"
+    return data, None
+
+
+def _png16_gray():
+    # high byte = the photo, low byte = noise: the 8-bit photo is the reference,
+    # since Pillow's own I;16 -> RGB conversion clips everything above 255.
+    gray = np.asarray(photo("camera_gray.jpg"))
+    a16 = (gray.astype(np.uint16) << 8) | _noise_low_byte(gray.shape)
+    data = encode(Image.fromarray(a16), "PNG", compress_level=1)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode.startswith("I;16") or im.mode == "I", im.mode
+    return data, Image.fromarray(gray)
+
+
+def _png16_rgb():
+    # Pillow reads 16-bit RGB as 8-bit RGB (high byte): reference = the photo.
+    rgb = np.asarray(photo("chelsea_small.jpg"))
+    a16 = (rgb.astype(np.uint16) << 8) | _noise_low_byte(rgb.shape, seed=1)
+    rows = (a16[y].astype(">u2").tobytes() for y in range(a16.shape[0]))
+    data = png_from_rows(a16.shape[1], a16.shape[0], 16, 2, rows)
+    return data, Image.fromarray(rgb)
+
+
+def _exif(orientation: int):
+    def build():
+        return with_exif_orientation(photo("astronaut_tall.jpg"), orientation), None
+    return build
+
+
+def _animated_gif():
+    frames = [photo(n).convert("RGB").resize((150, 100)) for n in
+              ("chelsea_small.jpg", "coffee_wide.jpg", "rocket.jpg")]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:],
+                  duration=100, loop=0)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.n_frames == 3 and im.is_animated
+    return data, None
+
+
+CASES = {
+    **{f"photo:{n}": (lambda n=n: (photo_bytes(n), None)) for n in PHOTO_NAMES},
+    # sizes: exactly the crop, one pixel over, tall/wide, smaller than the crop,
+    # extreme aspect ratios, a single pixel, much larger than the crop
+    "size:224x224": _sized("coffee_wide.jpg", 224, 224),
+    "size:225x224": _sized("coffee_wide.jpg", 225, 224),
+    "size:223x331": _sized("astronaut_tall.jpg", 223, 331),
+    "size:63x65": _sized("chelsea_small.jpg", 63, 65),
+    "size:900x31": _sized("rocket.jpg", 900, 31),
+    "size:31x900": _sized("astronaut_tall.jpg", 31, 900),
+    "size:1x1": _sized("coffee_wide.jpg", 1, 1),
+    "size:1601x1067": _sized("rocket.jpg", 1601, 1067),
+    # pixel modes
+    "png:RGBA-alpha-gradient": _rgba_gradient,
+    "png:LA-alpha-gradient": _la_gradient,
+    "png:P": _palette(False, "PNG"),
+    "png:P-transparency": _palette(True, "PNG"),
+    "png:L-transparency": _gray_transparency,
+    "png:RGB-colour-key": _rgb_colour_key,
+    "png:1-bilevel": _bilevel,
+    "png:16-bit-gray": _png16_gray,
+    "png:16-bit-RGB": _png16_rgb,
+    "jpeg:CMYK": _cmyk_jpeg,
+    "jpeg:exif-orientation-3": _exif(3),
+    "jpeg:exif-orientation-6": _exif(6),
+    "jpeg:exif-orientation-8": _exif(8),
+    # containers
+    "gif:P": _palette(False, "GIF"),
+    "gif:P-transparency": _palette(True, "GIF"),
+    "gif:animated": _animated_gif,
+    "webp:lossy": lambda: (encode(photo("coffee_wide.jpg"), "WEBP", quality=80), None),
+    "webp:lossless-RGBA": lambda: (encode(Image.open(io.BytesIO(_rgba_gradient()[0])),
+                                          "WEBP", lossless=True), None),
+    "bmp": lambda: (encode(photo("rocket.jpg"), "BMP"), None),
+    "tiff:lzw": lambda: (encode(photo("astronaut_tall.jpg"), "TIFF", compression="tiff_lzw"), None),
+    "tiff:gray": lambda: (encode(photo("camera_gray.jpg"), "TIFF"), None),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def case_data(name: str):
+    return CASES[name]()
+
+
+# --------------------------------------------------------------------------
+# parity
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_clip_image_processor(case, config):
+    reference, pre = _processors(config)
+    data, ref_image = case_data(case)
+    if ref_image is None:
+        with Image.open(io.BytesIO(data)) as opened:
+            ref_image = ImageOps.exif_transpose(opened)
+
+    decoded = decode_image(data)
+    assert decoded.mode == "RGB"
+    assert decoded.size == ref_image.size
+
+    ours = pre(decoded)
+    expected = _reference_pixels(reference, ref_image)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    assert ours.shape == (3, *pre.crop_size)
+    diff = float(np.abs(ours - expected.astype(np.float32)).max())
+    MEASURED[f"{config}/{case}"] = diff
+    print(f"{config}/{case}: max abs diff {diff:.3g}")
+    assert diff <= PARITY_ATOL, f"{case}: max abs diff {diff} > {PARITY_ATOL}"
+
+
+def test_defaults_match_clip_image_processor_defaults():
+    reference, pre = _processors("clip224")
+    assert Preprocessor().to_config() == pre.to_config()
+    assert pre.crop_size == (224, 224)
+    assert pre.resample == int(Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("settings", [
+    {"do_center_crop": False},
+    {"do_resize": False},  # small image: the crop pads with zeros
+    {"do_resize": False, "crop_size": {"height": 300, "width": 100}},  # pad one side, crop the other
+    {"do_normalize": False},
+    {"do_rescale": False},
+    {"size": {"shortest_edge": 71}, "crop_size": {"height": 63, "width": 65}},
+    {"size": {"shortest_edge": 64, "longest_edge": 80}, "crop_size": {"height": 64, "width": 64}},
+    {"size": {"height": 50, "width": 90}, "crop_size": {"height": 40, "width": 40}},
+    {"resample": int(Image.Resampling.BILINEAR), "image_mean": 0.5, "image_std": 0.5},
+], ids=lambda s: json.dumps(s, sort_keys=True))
+@pytest.mark.parametrize("name", ["chelsea_small.jpg", "astronaut_tall.jpg"])
+def test_parity_with_other_settings(settings, name):
+    reference = _reference_class()(**settings)
+    pre = Preprocessor.from_processor(reference)
+    image = decode_image(photo_bytes(name))
+    ours = pre(image)
+    expected = _reference_pixels(reference, image)
+    assert ours.shape == expected.shape
+    assert float(np.abs(ours - expected.astype(np.float32)).max()) <= PARITY_ATOL
+
+
+def test_from_pretrained_legacy_openai_config(tmp_path):
+    # openai/clip-vit-base-patch32's preprocessor_config.json: int sizes.
+    config = {
+        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    pre = Preprocessor.from_pretrained(tmp_path)
+    assert pre.size == {"shortest_edge": 224} and pre.crop_size == (224, 224)
+    assert Preprocessor.from_pretrained(tmp_path / "preprocessor_config.json").to_config() \
+        == pre.to_config()
+
+    reference = _reference_class().from_pretrained(str(tmp_path))
+    assert Preprocessor.from_processor(reference).to_config() == pre.to_config()
+    image = decode_image(photo_bytes("rocket.jpg"))
+    assert np.abs(pre(image) - _reference_pixels(reference, image)).max() <= PARITY_ATOL
+
+
+def test_from_pretrained_saved_by_transformers(tmp_path):
+    reference, _ = _processors("clip64")
+    reference.save_pretrained(str(tmp_path))
+    pre = Preprocessor.from_pretrained(str(tmp_path))
+    assert pre.crop_size == (64, 64) and pre.size == {"shortest_edge": 64}
+    image = decode_image(photo_bytes("coffee_wide.jpg"))
+    assert np.abs(pre(image) - _reference_pixels(reference, image)).max() <= PARITY_ATOL
+
+
+def test_from_pretrained_missing_config_is_oserror(tmp_path):
+    with pytest.raises(OSError, match="preprocessor_config.json"):
+        Preprocessor.from_pretrained(tmp_path)
+
+
+def test_batch_matches_processor_batch():
+    reference, pre = _processors("clip224")
+    images = [decode_image(photo_bytes(n)) for n in PHOTO_NAMES]
+    ours = pre.batch(images)
+    assert ours.shape == (len(images), 3, 224, 224) and ours.dtype == np.float32
+    assert np.array_equal(ours, np.stack([pre(im) for im in images]))
+    expected = np.asarray(reference(images=images, return_tensors="np")["pixel_values"])
+    assert np.abs(ours - expected).max() <= PARITY_ATOL
+    assert pre.batch([]).shape == (0, 3, 224, 224)
+
+
+def test_preprocessor_does_not_modify_its_input():
+    _, pre = _processors("clip64")
+    image = photo("coffee_wide.jpg")
+    before = np.asarray(image).copy()
+    pre(image)
+    assert image.size == (599, 400) and np.array_equal(np.asarray(image), before)
+
+
+# --------------------------------------------------------------------------
+# decoding (no transformers needed)
+
+
+def test_exif_orientation_6_is_rotated_upright():
+    stored = photo("astronaut_tall.jpg")  # 301x512
+    data = with_exif_orientation(stored, 6)
+    decoded = decode_image(data)
+    with Image.open(io.BytesIO(data)) as im:  # the pixels as stored, not rotated
+        assert im.size == (301, 512)
+        manual = im.convert("RGB").transpose(Image.Transpose.ROTATE_270)  # 90 degrees clockwise
+    assert decoded.size == (512, 301)
+    assert np.array_equal(np.asarray(decoded), np.asarray(manual))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pillow(orientation):
+    data = with_exif_orientation(photo("chelsea_small.jpg"), orientation)
+    with Image.open(io.BytesIO(data)) as im:
+        expected = ImageOps.exif_transpose(im).convert("RGB")
+    decoded = decode_image(data)
+    assert decoded.size == ((100, 150) if orientation >= 5 else (150, 100))
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def test_animated_gif_gives_the_first_frame():
+    data, _ = case_data("gif:animated")
+    decoded = np.asarray(decode_image(data), dtype=np.float32)
+    first = np.asarray(photo("chelsea_small.jpg").resize((150, 100)), dtype=np.float32)
+    second = np.asarray(photo("coffee_wide.jpg").resize((150, 100)), dtype=np.float32)
+    assert np.abs(decoded - first).mean() < 10  # GIF quantisation only
+    assert np.abs(decoded - second).mean() > 30
+
+
+def test_rgba_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (10, 20, 30, 0))  # fully transparent dark pixels
+    rgba.putpixel((0, 0), (10, 20, 30, 255))
+    decoded = np.asarray(decode_image(encode(rgba, "PNG")))
+    assert tuple(decoded[0, 0]) == (10, 20, 30)
+    assert tuple(decoded[1, 1]) == (255, 255, 255)
+    # and Preprocessor does the same on an RGBA image given directly
+    assert np.array_equal(np.asarray(convert_to_rgb(rgba)), decoded)
+
+
+def test_16_bit_gray_png_keeps_the_high_byte():
+    data, reference_image = case_data("png:16-bit-gray")
+    assert np.array_equal(np.asarray(decode_image(data)),
+                          np.asarray(reference_image.convert("RGB")))
+
+
+def test_16_bit_rgb_png_keeps_the_high_byte():
+    data, reference_image = case_data("png:16-bit-RGB")
+    assert np.array_equal(np.asarray(decode_image(data)), np.asarray(reference_image))
+
+
+@pytest.mark.parametrize("case", ["jpeg:CMYK", "png:P-transparency", "png:LA-alpha-gradient",
+                                  "png:1-bilevel", "tiff:gray", "webp:lossy", "bmp"])
+def test_decoded_images_are_rgb_and_detached(case):
+    data, _ = case_data(case)
+    image = decode_image(data)
+    assert image.mode == "RGB"
+    image.load()  # still usable: not tied to the closed source file
+    assert np.asarray(image).shape == (image.height, image.width, 3)
+
+
+def test_max_pixels_limit():
+    data = photo_bytes("coffee_wide.jpg")  # 599x400 = 239,600 px
+    assert decode_image(data, max_pixels=599 * 400).size == (599, 400)
+    with pytest.raises(ImageDecodeError, match=r"599x400 = 0\.24 Mpx, above the 0\.1 Mpx limit"):
+        decode_image(data, max_pixels=100_000)
+
+
+# --------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty image bytes"),
+    (np.random.default_rng(0).bytes(2000), "not a recognised image format"),
+    (b"This is a text file, not a photo.\n" * 20, "not a recognised image format"),
+    (b"P6\n2 2\n255\n" + bytes(12), "not a recognised image format"),  # PPM: not accepted
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not a recognised image format"),
+], ids=["empty", "random", "text", "ppm", "eps"])
+def test_garbage_is_rejected(data, message):
+    with pytest.raises(ImageDecodeError, match=message) as info:
+        decode_image(data)
+    assert isinstance(info.value, ValueError)
+
+
+def test_not_bytes_is_rejected():
+    with pytest.raises(ImageDecodeError, match="must be bytes"):
+        decode_image("photo.jpg")  # type: ignore[arg-type]
+
+
+def test_truncated_jpeg_is_rejected():
+    data = photo_bytes("coffee_wide.jpg")
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt image"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_truncated_png_is_rejected():
+    data = encode(photo("chelsea_small.jpg"), "PNG")
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt image"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_corrupt_png_data_is_rejected():
+    ihdr = struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+            + _png_chunk(b"IDAT", b"not a zlib stream at all" * 4) + _png_chunk(b"IEND", b""))
+    with pytest.raises(ImageDecodeError, match="truncated or corrupt image"):
+        decode_image(data)
+
+
+BOMBS = [
+    # (width, height, expected message); 900 Mpx is also past Pillow's own
+    # hard limit (2 x MAX_IMAGE_PIXELS), 100 Mpx past its warning, 64 Mpx
+    # under both: only our check stops that one.
+    (30000, 30000, r"image is 30000x30000 = 900 Mpx, above the 50 Mpx limit"),
+    (10000, 10000, r"image is 10000x10000 = 100 Mpx, above the 50 Mpx limit"),
+    (8000, 8000, r"image is 8000x8000 = 64 Mpx, above the 50 Mpx limit"),
+]
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("width, height, message", BOMBS, ids=lambda v: str(v)[:12])
+def test_decompression_bomb_is_rejected_before_decoding(width, height, message):
+    data = bomb_png(width, height)
+    assert len(data) < 200_000  # tiny file...
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageDecodeError, match=message):
+            decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"peak Python allocation {peak / 2**20:.1f} MB"
+
+
+def test_decompression_bombs_do_not_allocate_and_no_torch(tmp_path):
+    """In a fresh interpreter (Pillow's pixel buffers are outside tracemalloc's
+    view): peak RSS grows < 50 MB while rejecting every bomb, and importing the
+    module pulls in neither torch nor transformers."""
+    paths = []
+    for width, height, _ in BOMBS:
+        path = tmp_path / f"bomb_{width}x{height}.png"
+        path.write_bytes(bomb_png(width, height))
+        paths.append(str(path))
+    script = textwrap.dedent("""
+        import json, resource, sys, warnings
+        warnings.simplefilter("ignore")
+        from embedder_service.preprocess import ImageDecodeError, decode_image
+        heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        blobs = [open(p, "rb").read() for p in sys.argv[1:]]
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        errors = []
+        for blob in blobs:
+            try:
+                decode_image(blob)
+                errors.append(None)
+            except ImageDecodeError as exc:
+                errors.append(str(exc))
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+        print(json.dumps({"heavy": heavy, "grew": after - before, "errors": errors}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, *paths], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["heavy"] == []
+    assert all(e and "limit" in e for e in result["errors"]), result["errors"]
+    assert result["grew"] < 50 * 2**20, f"peak RSS grew {result['grew'] / 2**20:.1f} MB"
+
+
+def test_huge_image_under_a_raised_limit_still_decodes_header_first():
+    # A 3000x3000 1-bit PNG: rejected at 1 Mpx, decoded when allowed.
+    data = bomb_png(3000, 3000)
+    with pytest.raises(ImageDecodeError, match="3000x3000 = 9 Mpx, above the 1 Mpx limit"):
+        decode_image(data, max_pixels=1_000_000)
+    image = decode_image(data, max_pixels=10_000_000)
+    assert image.size == (3000, 3000) and image.mode == "RGB"
