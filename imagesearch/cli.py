@@ -1,0 +1,170 @@
+"""`imgsearch`: ingest a folder, search by text or image, delete, stats.
+
+Talks to the search service over gRPC; needs neither torch nor Milvus.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+from tqdm import tqdm
+
+from imagesearch.client import DEFAULT_SEARCH_SERVER, Hit, IngestItem, IngestResult, SearchClient
+from imagesearch.grid import write_grid
+from imagesearch.health import status, wait_serving
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files under `root`, recursively, by suffix (any case), sorted."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _items(paths: list[Path]) -> Iterator[IngestItem]:
+    # Read lazily: the stream holds a few images in memory, never the folder.
+    for path in paths:
+        yield IngestItem(image=path.read_bytes(), uri=str(path.resolve()),
+                         metadata={"label": path.parent.name})
+
+
+def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return 2
+    paths = find_images(root)
+    if not paths:
+        print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}", file=sys.stderr)
+        return 2
+    counts: Counter = Counter()
+    failures = []
+    with tqdm(total=len(paths), unit="img", desc="ingest", disable=args.quiet) as bar:
+        for result in client.ingest(_items(paths), collection=args.collection):
+            counts[result.status] += 1
+            if result.status == IngestResult.FAILED:
+                failures.append(result)
+            bar.update(1)
+    print(f"{len(paths)} images: {counts[IngestResult.INSERTED]} inserted, "
+          f"{counts[IngestResult.ALREADY_PRESENT]} already present, {len(failures)} failed")
+    for failure in failures:
+        print(f"  failed: {failure.uri}: {failure.error}")
+    return 1 if failures else 0
+
+
+def _print_hits(hits: list[Hit], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata}
+                          for h in hits], indent=2))
+        return
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:3d}  {hit.score:.4f}  {hit.id[:12]}  {hit.uri}")
+
+
+def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
+    if (args.query is None) == (args.image is None):
+        print("error: give either a text query or --image PATH", file=sys.stderr)
+        return 2
+    if args.image is not None:
+        hits = client.search_image(Path(args.image).read_bytes(), args.k, args.collection)
+    else:
+        hits = client.search_text(args.query, args.k, args.collection)
+    _print_hits(hits, args.json)
+    if args.grid and hits:
+        out = write_grid([h.uri for h in hits], args.grid)
+        print(f"grid of {len(hits)} thumbnails written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_stats(client: SearchClient, args: argparse.Namespace) -> int:
+    stats = client.stats(args.collection)
+    print(f"collection {stats.collection}: {stats.count} images, {stats.dim}-d vectors, "
+          f"model {stats.model} ({stats.model_fingerprint})")
+    return 0
+
+
+def cmd_delete(client: SearchClient, args: argparse.Namespace) -> int:
+    response = client.delete(args.ids, args.collection)
+    print(f"deleted {response.deleted}")
+    for missing in response.missing:
+        print(f"  not found: {missing}")
+    return 0
+
+
+def cmd_health(client: SearchClient, args: argparse.Namespace) -> int:
+    """Exit 0 when the server is SERVING (after waiting up to --wait seconds)."""
+    if args.wait:
+        try:
+            wait_serving(args.address or args.server, args.wait)
+        except TimeoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    state = status(args.address or args.server)
+    print(state)
+    return 0 if state == "SERVING" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__.splitlines()[0])
+    parser.add_argument("--server", default=os.environ.get("IMGSEARCH_SERVER", DEFAULT_SEARCH_SERVER),
+                        help="search service HOST:PORT (env IMGSEARCH_SERVER; default %(default)s)")
+    parser.add_argument("--collection", default="",
+                        help="collection to use (default: the server's default)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait for a search, delete or stats call (default %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="add every image under a folder, recursively")
+    ingest.add_argument("dir", help="folder to walk")
+    ingest.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ingest.set_defaults(run=cmd_ingest)
+
+    search = sub.add_parser("search", help="nearest images to a text, or to an image with --image")
+    search.add_argument("query", nargs="?", help='text to search for, e.g. "a white dog"')
+    search.add_argument("--image", help="search by this image file instead of a text")
+    search.add_argument("-k", type=int, default=10, help="number of hits (default %(default)s)")
+    search.add_argument("--json", action="store_true",
+                        help="print a JSON array of {id, score, uri, metadata}, best first")
+    search.add_argument("--grid", metavar="PNG",
+                        help="also write the hits as a grid of 150x150 thumbnails, 5 per row")
+    search.set_defaults(run=cmd_search)
+
+    stats = sub.add_parser("stats", help="image count, dimension and model of a collection")
+    stats.set_defaults(run=cmd_stats)
+
+    delete = sub.add_parser("delete", help="remove images by id")
+    delete.add_argument("ids", nargs="+", metavar="ID", help="image ids, as ingest and search print")
+    delete.set_defaults(run=cmd_delete)
+
+    health = sub.add_parser("health", help="print a server's grpc.health.v1 status; exit 0 if SERVING")
+    health.add_argument("address", nargs="?", help="HOST:PORT of any of our servers (default --server)")
+    health.add_argument("--wait", type=float, default=0, metavar="S",
+                        help="wait up to S seconds for SERVING")
+    health.set_defaults(run=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with SearchClient(args.server, timeout_s=args.timeout) as client:
+        try:
+            return args.run(client, args)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                print(f"is the search service running at {args.server}? (--server HOST:PORT)",
+                      file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

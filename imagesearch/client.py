@@ -1,0 +1,117 @@
+"""Typed, blocking Python clients for both services (no torch, no Milvus).
+
+    from imagesearch.client import SearchClient
+    with SearchClient("localhost:50052") as client:
+        for hit in client.search_text("a white dog", top_k=10):
+            print(hit.score, hit.uri)
+
+Failures raise `grpc.RpcError`; `.code()` and `.details()` say what and why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import grpc
+import numpy as np
+
+from imagesearch.serving import channel_options
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
+
+DEFAULT_SEARCH_SERVER = "localhost:50052"
+DEFAULT_EMBEDDER_SERVER = "localhost:50051"
+
+IngestResult = search_pb2.IngestResult
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    uri: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IngestItem:
+    image: bytes
+    uri: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class _Client:
+    def __init__(self, server: str, timeout_s: float, max_message_mb: int) -> None:
+        self.server = server
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(server, options=channel_options(max_message_mb << 20))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SearchClient(_Client):
+    """Client of imagesearch.v1.ImageSearch."""
+
+    def __init__(self, server: str = DEFAULT_SEARCH_SERVER, timeout_s: float = 60.0,
+                 max_message_mb: int = 64) -> None:
+        super().__init__(server, timeout_s, max_message_mb)
+        self._stub = search_pb2_grpc.ImageSearchStub(self._channel)
+
+    def ingest(self, items: Iterable[IngestItem], collection: str = "",
+               timeout_s: float | None = None) -> Iterator[search_pb2.IngestResult]:
+        """Stream items in; yield one result per item as the server stores them.
+        `timeout_s` bounds the whole stream (default: none)."""
+        requests = (search_pb2.IngestRequest(image=item.image, uri=item.uri,
+                                             metadata=item.metadata, collection=collection)
+                    for item in items)
+        yield from self._stub.Ingest(requests, timeout=timeout_s)
+
+    def _hits(self, response: search_pb2.SearchResponse) -> list[Hit]:
+        return [Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
+                for h in response.hits]
+
+    def search_text(self, query: str, top_k: int = 10, collection: str = "") -> list[Hit]:
+        request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection)
+        return self._hits(self._stub.SearchByText(request, timeout=self.timeout_s))
+
+    def search_image(self, image: bytes, top_k: int = 10, collection: str = "") -> list[Hit]:
+        request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection)
+        return self._hits(self._stub.SearchByImage(request, timeout=self.timeout_s))
+
+    def delete(self, ids: list[str], collection: str = "") -> search_pb2.DeleteResponse:
+        return self._stub.Delete(search_pb2.DeleteRequest(ids=ids, collection=collection),
+                                 timeout=self.timeout_s)
+
+    def stats(self, collection: str = "") -> search_pb2.Stats:
+        return self._stub.GetStats(search_pb2.GetStatsRequest(collection=collection),
+                                   timeout=self.timeout_s)
+
+
+class EmbedderClient(_Client):
+    """Client of imagesearch.v1.Embedder; vectors come back as float32 numpy rows."""
+
+    def __init__(self, server: str = DEFAULT_EMBEDDER_SERVER, timeout_s: float = 60.0,
+                 max_message_mb: int = 64) -> None:
+        super().__init__(server, timeout_s, max_message_mb)
+        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+
+    @staticmethod
+    def _matrix(response: embedder_pb2.EncodeResponse) -> np.ndarray:
+        return np.stack([np.frombuffer(e.vector, dtype="<f4") for e in response.embeddings])
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return self._matrix(self._stub.EncodeText(embedder_pb2.EncodeTextRequest(texts=texts),
+                                                  timeout=self.timeout_s))
+
+    def encode_images(self, images: list[bytes]) -> np.ndarray:
+        return self._matrix(self._stub.EncodeImage(embedder_pb2.EncodeImageRequest(images=images),
+                                                   timeout=self.timeout_s))
+
+    def model_info(self) -> embedder_pb2.ModelInfo:
+        return self._stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)

@@ -1,0 +1,1 @@
+"""The search service: a Milvus collection of CLIP image vectors over gRPC."""

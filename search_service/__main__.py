@@ -1,0 +1,53 @@
+"""`python -m search_service`: open Milvus, connect to the embedder, serve until SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+from imagesearch.serving import serve, setup_logging
+from imagesearch.v1 import search_pb2, search_pb2_grpc
+from search_service.config import SearchConfig, parse_config
+from search_service.embedder_client import EmbedderClient
+from search_service.errors import ServiceError
+from search_service.servicer import ImageSearchServicer
+from search_service.store import MilvusStore
+
+log = logging.getLogger("search_service")
+
+
+async def run(config: SearchConfig, store: MilvusStore) -> None:
+    embedder = EmbedderClient(config.embedder, config.embedder_timeout_s, config.max_message_mb << 20)
+    servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch)
+    startup_check = asyncio.create_task(servicer.check_default_collection())
+    service_name = search_pb2.DESCRIPTOR.services_by_name["ImageSearch"].full_name
+    try:
+        await serve(name="search", address=config.address, grace_s=config.grace_s,
+                    max_message_bytes=config.max_message_mb << 20, service_names=[service_name],
+                    register=lambda server: search_pb2_grpc.add_ImageSearchServicer_to_server(
+                        servicer, server))
+    finally:
+        startup_check.cancel()
+        await embedder.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    setup_logging(config.log_level)
+    if not config.milvus_uri:
+        os.makedirs(config.data_dir, exist_ok=True)
+    try:
+        store = MilvusStore(config.milvus_target, config.milvus_token)
+    except ServiceError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    log.info("Milvus: %s", config.milvus_target)
+    try:
+        asyncio.run(run(config, store))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

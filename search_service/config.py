@@ -1,0 +1,67 @@
+"""Search-service configuration: flags with SEARCH_* environment twins, parsed once."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from imagesearch.flags import EnvArgumentParser, positive_float, positive_int
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    host: str
+    port: int
+    embedder: str
+    embedder_timeout_s: float
+    milvus_uri: str
+    data_dir: str
+    collection: str
+    ingest_batch: int
+    max_message_mb: int
+    grace_s: float
+    log_level: str
+    # From the environment only, never a flag: a token on a command line is
+    # visible to every user of the machine.
+    milvus_token: str = field(default="", repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def milvus_target(self) -> str:
+        """The server URI, or the Milvus Lite file under the data directory."""
+        return self.milvus_uri or os.path.join(self.data_dir, "milvus.db")
+
+
+def build_parser() -> EnvArgumentParser:
+    p = EnvArgumentParser(
+        prog="python -m search_service", env_prefix="SEARCH_",
+        description="Serve text-to-image search over gRPC (imagesearch.v1.ImageSearch): "
+                    "ingest images, search by text or image, delete, stats. Vectors come from "
+                    "the embedder service; rows live in Milvus (an embedded Milvus Lite file "
+                    "by default, or a server with --milvus-uri). A Milvus token is read from "
+                    "SEARCH_MILVUS_TOKEN only.")
+    p.env_flag("--host", default="0.0.0.0", help="address to listen on")
+    p.env_flag("--port", default=50052, type=int, help="port to listen on")
+    p.env_flag("--embedder", default="localhost:50051", help="embedder service address HOST:PORT")
+    p.env_flag("--embedder-timeout-s", default=30.0, type=positive_float,
+               help="longest wait for one embedder call; a shorter caller deadline wins")
+    p.env_flag("--milvus-uri", default="",
+               help="Milvus server URI, e.g. http://localhost:19530; empty: embedded Milvus Lite "
+                    "file DATA_DIR/milvus.db")
+    p.env_flag("--data-dir", default="./data", help="where the Milvus Lite file lives")
+    p.env_flag("--collection", default="images", help="collection used when a request names none")
+    p.env_flag("--ingest-batch", default=32, type=positive_int,
+               help="most ingest items embedded and written together")
+    p.env_flag("--max-message-mb", default=64, type=positive_int,
+               help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
+    p.env_flag("--grace-s", default=10.0, type=positive_float,
+               help="on SIGTERM, seconds in-flight calls get to finish")
+    p.env_flag("--log-level", default="info", help="debug, info, warning or error")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> SearchConfig:
+    args = build_parser().parse_args(argv)
+    return SearchConfig(**vars(args), milvus_token=os.environ.get("SEARCH_MILVUS_TOKEN", ""))

@@ -1,0 +1,227 @@
+"""The imagesearch.v1.ImageSearch gRPC servicer.
+
+Requests are validated here; vectors come from the embedder client and rows
+from the store. Milvus calls are blocking, so they run on one dedicated
+thread and never stall the event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator
+
+import grpc
+
+from imagesearch.v1 import search_pb2, search_pb2_grpc
+from search_service.embedder_client import EmbedderClient
+from search_service.errors import DependencyUnavailable, InvalidArgument, ServiceError
+from search_service.store import MAX_URI_LENGTH, MilvusStore, Row
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_K = 1024
+MAX_DELETE_IDS = 16384
+_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+_END = object()  # end of the ingest request stream
+
+Result = search_pb2.IngestResult
+
+
+def image_id(data: bytes) -> str:
+    """Content address of an image: re-ingesting the same bytes finds the same row."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _answers_errors(method):
+    """Turn a ServiceError raised in a unary method into its gRPC status."""
+    @functools.wraps(method)
+    async def wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            await context.abort(exc.code, str(exc))
+    return wrapper
+
+
+def _top_k(value: int) -> int:
+    if not 1 <= value <= MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {value}")
+    return value
+
+
+class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
+    def __init__(self, store: MilvusStore, embedder: EmbedderClient, default_collection: str,
+                 ingest_batch: int) -> None:
+        self._store = store
+        self._embedder = embedder
+        self._default_collection = default_collection
+        self._batch_size = ingest_batch
+        self._milvus_thread = ThreadPoolExecutor(1, thread_name_prefix="milvus")
+
+    async def _milvus(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._milvus_thread, fn, *args)
+
+    async def check_default_collection(self) -> None:
+        """At start-up, say at once if the default collection belongs to another model."""
+        try:
+            await self._open(self._default_collection, None)
+        except DependencyUnavailable as exc:
+            log.warning("default collection %r not checked yet: %s", self._default_collection, exc)
+        except ServiceError as exc:
+            log.error("default collection %r: %s", self._default_collection, exc)
+
+    def _collection(self, name: str) -> str:
+        name = name or self._default_collection
+        if not _COLLECTION_NAME.fullmatch(name):
+            raise InvalidArgument(f"collection name {name!r} is invalid: use letters, digits and "
+                                  "underscores, starting with a letter or underscore, at most 255")
+        return name
+
+    async def _open(self, name: str, context, *, with_model: bool = True, create: bool = False) -> str:
+        """Validate the name; check the collection exists and matches the embedder's model.
+        The default collection is created on first use, so a fresh system searches empty."""
+        name = self._collection(name)
+        model = await self._embedder.model(context) if with_model else None
+        await self._milvus(self._store.open, name, model, create or name == self._default_collection)
+        return name
+
+    async def _search(self, vector, top_k: int, collection: str) -> search_pb2.SearchResponse:
+        hits = await self._milvus(self._store.search, collection, vector.tolist(), top_k)
+        return search_pb2.SearchResponse(hits=[search_pb2.Hit(**hit) for hit in hits])
+
+    @_answers_errors
+    async def SearchByText(self, request, context):
+        if not request.query.strip():
+            raise InvalidArgument("query is empty: give the text to search for")
+        top_k = _top_k(request.top_k)
+        collection = await self._open(request.collection, context)
+        vector = await self._embedder.encode_text(request.query, context)
+        return await self._search(vector, top_k, collection)
+
+    @_answers_errors
+    async def SearchByImage(self, request, context):
+        if not request.image:
+            raise InvalidArgument("image is empty: send the bytes of an image file")
+        top_k = _top_k(request.top_k)
+        collection = await self._open(request.collection, context)
+        [vector] = await self._embedder.encode_images([request.image], context)
+        if isinstance(vector, str):
+            raise InvalidArgument(f"image: {vector}")
+        return await self._search(vector, top_k, collection)
+
+    @_answers_errors
+    async def Delete(self, request, context):
+        ids = list(request.ids)
+        if not ids:
+            raise InvalidArgument("no ids to delete")
+        if len(ids) > MAX_DELETE_IDS:
+            raise InvalidArgument(f"{len(ids)} ids in one request; the limit is {MAX_DELETE_IDS}")
+        for i, id_ in enumerate(ids):
+            if not _IMAGE_ID.fullmatch(id_):
+                raise InvalidArgument(f"ids[{i}] = {id_[:80]!r} is not an image id "
+                                      "(64 lowercase hex characters, as Ingest returns)")
+        collection = await self._open(request.collection, context, with_model=False)
+        deleted = await self._milvus(self._store.delete, collection, ids)
+        return search_pb2.DeleteResponse(deleted=len(deleted),
+                                         missing=[i for i in dict.fromkeys(ids) if i not in deleted])
+
+    @_answers_errors
+    async def GetStats(self, request, context):
+        collection = await self._open(request.collection, context, with_model=False)
+        built = await self._milvus(self._store.describe, collection)
+        count = await self._milvus(self._store.count, collection)
+        return search_pb2.Stats(collection=collection, count=count, dim=built.dim,
+                                model=built.name, model_fingerprint=built.fingerprint)
+
+    async def Ingest(self, request_iterator, context) -> AsyncIterator[Result]:
+        """Read the stream ahead into a bounded queue (memory stays bounded: the
+        client is throttled by gRPC flow control) and store it batch by batch."""
+        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self._batch_size)
+
+        async def read() -> None:
+            index = 0
+            async for request in request_iterator:
+                await queue.put((index, request))
+                index += 1
+            await queue.put(_END)
+
+        reader = asyncio.create_task(read())
+        try:
+            collection = None
+            while True:
+                batch, done = await self._next_batch(queue)
+                if batch and collection is None:
+                    collection = await self._open(batch[0][1].collection, context, create=True)
+                for result in await self._ingest_batch(collection, batch, context):
+                    yield result
+                if done:
+                    break
+            await reader
+        except ServiceError as exc:
+            await context.abort(exc.code, str(exc))
+        finally:
+            reader.cancel()
+
+    async def _next_batch(self, queue: asyncio.Queue) -> tuple[list, bool]:
+        """Wait for one item, then take whatever else is already queued."""
+        batch = []
+        item = await queue.get()
+        while item is not _END:
+            batch.append(item)
+            if len(batch) == self._batch_size or queue.empty():
+                return batch, False
+            item = queue.get_nowait()
+        return batch, True
+
+    async def _ingest_batch(self, collection: str, batch, context) -> list[Result]:
+        results: dict[int, Result] = {}
+        todo: dict[str, tuple[int, search_pb2.IngestRequest]] = {}  # id -> first item with it
+        repeats: list[tuple[int, str]] = []  # later items with the same bytes in this batch
+        for index, request in batch:
+            error = self._item_error(request, collection)
+            id_ = image_id(request.image) if request.image else ""
+            if error:
+                results[index] = Result(index=index, id=id_, uri=request.uri,
+                                        status=Result.FAILED, error=error)
+            elif id_ in todo:
+                repeats.append((index, id_))
+            else:
+                todo[id_] = (index, request)
+        present = await self._milvus(self._store.existing_ids, collection, list(todo))
+        new = [(id_, index, request) for id_, (index, request) in todo.items() if id_ not in present]
+        vectors = await self._embedder.encode_images([r.image for _, _, r in new], context) if new else []
+        rows = []
+        for (id_, index, request), vector in zip(new, vectors):
+            if isinstance(vector, str):
+                results[index] = Result(index=index, id=id_, uri=request.uri,
+                                        status=Result.FAILED, error=vector)
+            else:
+                rows.append(Row(id=id_, vector=vector.tolist(), uri=request.uri,
+                                metadata=dict(request.metadata)))
+                results[index] = Result(index=index, id=id_, uri=request.uri, status=Result.INSERTED)
+        await self._milvus(self._store.write, collection, rows)
+        for id_ in present:
+            index, request = todo[id_]
+            results[index] = Result(index=index, id=id_, uri=request.uri,
+                                    status=Result.ALREADY_PRESENT)
+        for index, id_ in repeats:  # a repeat shares the fate of the first copy
+            first = results[todo[id_][0]]
+            status = Result.FAILED if first.status == Result.FAILED else Result.ALREADY_PRESENT
+            results[index] = Result(index=index, id=id_, uri=dict(batch)[index].uri,
+                                    status=status, error=first.error)
+        return [results[index] for index, _ in batch]
+
+    def _item_error(self, request: search_pb2.IngestRequest, collection: str) -> str:
+        if not request.image:
+            return "empty image bytes"
+        if request.collection and request.collection != collection:
+            return (f"names collection {request.collection!r}, but this stream writes to "
+                    f"{collection!r}: use one stream per collection")
+        if len(request.uri.encode()) > MAX_URI_LENGTH:
+            return f"uri is longer than {MAX_URI_LENGTH} bytes"
+        return ""
