@@ -5,6 +5,8 @@ import asyncio
 import logging
 import sys
 
+import torch
+
 from embedder_service.config import parse_config
 from embedder_service.model import ClipEncoder, ModelLoadError
 from embedder_service.servicer import EmbedderServicer
@@ -17,8 +19,10 @@ log = logging.getLogger("embedder_service")
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level)
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
     try:
-        encoder = ClipEncoder(config.model, config.device, config.dtype, config.model_batch_size)
+        encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size)
     except ModelLoadError as exc:
         log.error("%s", exc)
         sys.exit(2)

@@ -18,8 +18,11 @@ class EmbedderConfig:
     host: str
     port: int
     max_batch_items: int
-    model_batch_size: int
+    batch_size: int
+    batch_wait_ms: float
+    max_queue: int
     preprocess_workers: int
+    torch_threads: int
     max_image_pixels: int
     max_message_mb: int
     grace_s: float
@@ -47,10 +50,19 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--port", default=50051, type=int, help="port to listen on")
     p.env_flag("--max-batch-items", default=512, type=positive_int,
                help="most texts or images accepted in one request (more: INVALID_ARGUMENT)")
-    p.env_flag("--model-batch-size", default=64, type=positive_int,
-               help="most items in one forward pass; larger requests run in several passes")
+    p.env_flag("--batch-size", default=64, type=positive_int,
+               help="most items in one forward pass: concurrent requests are batched together "
+                    "up to this; a larger request runs in several passes (1 turns batching off)")
+    p.env_flag("--batch-wait-ms", default=2.0, type=float,
+               help="how long the oldest queued request waits for a batch to fill")
+    p.env_flag("--max-queue", default=4096, type=positive_int,
+               help="most items waiting for the model; beyond it requests get RESOURCE_EXHAUSTED "
+                    "at once instead of piling up into timeouts")
     p.env_flag("--preprocess-workers", default=os.cpu_count() or 1, type=positive_int,
                help="threads that decode and resize images in parallel")
+    p.env_flag("--torch-threads", default=0, type=int,
+               help="CPU threads torch may use for one forward pass; 0 keeps torch's default "
+                    "(all cores). Lower it when other busy processes share the cores")
     p.env_flag("--max-image-pixels", default=50_000_000, type=positive_int,
                help="images declaring more pixels are refused before decoding "
                     "(decompression-bomb guard)")

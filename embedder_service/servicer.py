@@ -1,8 +1,9 @@
 """The imagesearch.v1.Embedder gRPC servicer.
 
 The event loop only validates and answers; image decoding runs on a thread
-pool (Pillow releases the GIL), and the model runs on one dedicated thread so
-that forward passes never interleave.
+pool (Pillow releases the GIL); texts and pixels go through one dynamic
+batcher each, and the model runs on one dedicated thread so that forward
+passes never interleave.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from embedder_service.batcher import Batcher, Expired, QueueFull
 from embedder_service.config import EmbedderConfig
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import ImageDecodeError, decode_image
@@ -31,6 +33,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self._encoder = encoder
         self._config = config
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        limits = dict(max_batch=config.batch_size, max_wait_s=config.batch_wait_ms / 1000,
+                      max_queue=config.max_queue)
+        self.texts = Batcher("text", lambda payloads: encoder.encode_texts(
+            [text for texts in payloads for text in texts]), self._model_thread, **limits)
+        self.images = Batcher("image", lambda payloads: encoder.encode_pixels(
+            np.concatenate(payloads)), self._model_thread, **limits)
         self._preprocess_pool = ThreadPoolExecutor(config.preprocess_workers,
                                                    thread_name_prefix="preprocess")
         info = encoder.info
@@ -47,12 +55,18 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                                 f"{count} {kind} in one request; the limit is "
                                 f"{self._config.max_batch_items}: split the request")
 
-    async def _run_model(self, fn, arg, context: grpc.aio.ServicerContext) -> np.ndarray:
-        # A call that expired or was cancelled while queued costs no model time.
+    async def _encode(self, batcher: Batcher, payload, count: int,
+                      context: grpc.aio.ServicerContext) -> np.ndarray:
+        # A call that expired or was cancelled before its batch runs costs no model time.
         remaining = context.time_remaining()
         if context.cancelled() or (remaining is not None and remaining <= 0):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before encoding")
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, fn, arg)
+        try:
+            return await batcher.submit(payload, count, remaining)
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except Expired as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
 
     @staticmethod
     def _response(vectors: np.ndarray, errors: dict[int, str] | None = None) -> embedder_pb2.EncodeResponse:
@@ -69,7 +83,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         bad = [(i, "empty or only whitespace") for i, t in enumerate(texts) if not t.strip()]
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_items_message("texts", bad))
-        vectors = await self._run_model(self._encoder.encode_texts, texts, context)
+        vectors = await self._encode(self.texts, texts, len(texts), context)
         return self._response(vectors)
 
     def _prepare(self, data: bytes) -> np.ndarray | str:
@@ -82,6 +96,10 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     async def EncodeImage(self, request, context):
         images = list(request.images)
         await self._check_count("images", len(images), context)
+        try:
+            self.images.admit(len(images))  # refuse before decoding anything
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         loop = asyncio.get_running_loop()
         prepared = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, self._prepare, data)
                                           for data in images))
@@ -94,7 +112,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             return embedder_pb2.EncodeResponse(
                 embeddings=[embedder_pb2.Embedding(error=errors[i]) for i in range(len(images))],
                 dim=self._info.dim)
-        vectors = await self._run_model(self._encoder.encode_pixels, np.stack(good), context)
+        vectors = await self._encode(self.images, np.stack(good), len(good), context)
         return self._response(vectors, errors)
 
     async def GetModelInfo(self, request, context):

@@ -1,0 +1,137 @@
+"""Dynamic batching: concurrent requests share one forward pass.
+
+Requests wait in a bounded queue. The worker takes the oldest, lets the batch
+fill for at most `max_wait_s` (or until `max_batch` items are queued), drops
+requests that were cancelled or whose deadline passed (they cost no model
+time), runs the rest as one batch on the model thread, and hands each request
+exactly its own rows back. While a batch runs, the next one queues up, so
+under load batches fill without waiting at all.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """Admitting the request would exceed the queue bound."""
+
+
+class Expired(Exception):
+    """The request's deadline passed before its batch ran."""
+
+
+@dataclass
+class _Request(Generic[T]):
+    payload: T
+    count: int
+    deadline: float | None  # loop time
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher(Generic[T]):
+    """`run(payloads)` returns the vectors of all payloads, concatenated in order."""
+
+    def __init__(self, name: str, run: Callable[[Sequence[T]], np.ndarray], executor: Executor, *,
+                 max_batch: int, max_wait_s: float, max_queue: int) -> None:
+        self.name = name
+        self._run = run
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.max_queue = max_queue
+        self._queue: deque[_Request[T]] = deque()
+        self._queued_items = 0
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self.batches = 0  # forward passes run, for tests and benchmarks
+        self.items = 0
+
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    def admit(self, count: int) -> None:
+        """Raise QueueFull unless `count` more items fit; cheap, so callers can
+        refuse before doing any work for a request."""
+        if self._queued_items + count > self.max_queue:
+            raise QueueFull(f"{self.name} queue is full ({self._queued_items} items waiting, "
+                            f"limit {self.max_queue}): retry with backoff, or add replicas")
+
+    async def submit(self, payload: T, count: int, timeout_s: float | None) -> np.ndarray:
+        """The vectors of `payload` (`count` items), once its batch has run."""
+        self.admit(count)
+        loop = asyncio.get_running_loop()
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work(), name=f"batcher-{self.name}")
+        request = _Request(payload, count, None if timeout_s is None else loop.time() + timeout_s,
+                           loop.create_future())
+        self._queue.append(request)
+        self._queued_items += count
+        self._arrived.set()
+        return await request.future  # a cancelled caller cancels the future: it is skipped
+
+    def _take(self) -> list[_Request[T]]:
+        batch, items = [], 0
+        while self._queue and (not batch or items + self._queue[0].count <= self.max_batch):
+            request = self._queue.popleft()
+            self._queued_items -= request.count
+            batch.append(request)
+            items += request.count
+        return batch
+
+    async def _fill(self) -> None:
+        """Wait until requests are queued, then up to max_wait_s for a full batch."""
+        loop = asyncio.get_running_loop()
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        until = loop.time() + self.max_wait_s
+        while self._queued_items < self.max_batch and (left := until - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                break
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._fill()
+            now = loop.time()
+            live = []
+            for request in self._take():
+                if request.future.done():
+                    continue  # cancelled by its caller
+                if request.deadline is not None and request.deadline <= now:
+                    request.future.set_exception(Expired("deadline passed while queued"))
+                    continue
+                live.append(request)
+            if not live:
+                continue
+            try:
+                vectors = await loop.run_in_executor(self._executor, self._run,
+                                                     [r.payload for r in live])
+            except Exception as exc:  # the model failed: every request of the batch learns why
+                log.exception("%s batch of %d requests failed", self.name, len(live))
+                for request in live:
+                    if not request.future.done():
+                        request.future.set_exception(exc)
+                continue
+            self.batches += 1
+            start = 0
+            for request in live:
+                self.items += request.count
+                if not request.future.done():
+                    request.future.set_result(vectors[start:start + request.count])
+                start += request.count
