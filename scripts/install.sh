@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install the project: both services, the CLI and the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned: 2.13.0 is a CPU wheel here, while an unpinned torch
+# may pull a multi-GB CUDA build. constraints.txt pins everything else.
+.venv/bin/python -m pip install -q -c constraints.txt torch
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[embedder,search,dev]"

@@ -1,0 +1,161 @@
+"""Bad input gets the documented status, a message naming the problem and the
+item, and the servers keep serving. Real processes, real Milvus Lite."""
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesearch.client import IngestItem, IngestResult
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
+
+CORRUPT = b"\xff\xd8\xff\xe0 this is not really a jpeg"
+
+
+def photo(seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (80, 120, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def status_of(call, *args) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args)
+    return info.value
+
+
+@pytest.fixture(scope="module")
+def embedder_stub(embedder_service):
+    with grpc.insecure_channel(embedder_service.address) as channel:
+        yield embedder_pb2_grpc.EmbedderStub(channel)
+
+
+@pytest.fixture(scope="module")
+def search_stub(search_service):
+    with grpc.insecure_channel(search_service.address) as channel:
+        yield search_pb2_grpc.ImageSearchStub(channel)
+
+
+@pytest.fixture(autouse=True)
+def still_serving(embedder, search):
+    """After every case, both servers answer a normal request correctly."""
+    yield
+    vectors = embedder.encode_texts(["a photo of a red circle"])
+    assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-4)
+    assert search.search_text("a photo of a red circle", top_k=1) is not None
+
+
+@pytest.mark.parametrize("texts, needle", [
+    ([], "no texts"),
+    ([""], "texts[0]: empty"),
+    (["a red circle", "   \n\t"], "texts[1]: empty or only whitespace"),
+])
+def test_encode_text_rejects(embedder_stub, texts, needle):
+    error = status_of(embedder_stub.EncodeText, embedder_pb2.EncodeTextRequest(texts=texts))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in error.details()
+
+
+@pytest.mark.parametrize("images, needles", [
+    ([], ["no images"]),
+    ([b""], ["images[0]: empty image bytes"]),
+    ([photo(), CORRUPT], ["images[1]:"]),
+    ([b"plain text, not an image", photo(), b""], ["images[0]:", "images[2]: empty"]),
+])
+def test_encode_image_rejects(embedder_stub, images, needles):
+    error = status_of(embedder_stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=images))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for needle in needles:
+        assert needle in error.details()
+
+
+def test_too_many_items(embedder_stub, embedder):
+    limit = embedder.model_info().max_batch_items
+    error = status_of(embedder_stub.EncodeText, embedder_pb2.EncodeTextRequest(texts=["x"] * (limit + 1)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the limit is {limit}" in error.details()
+
+
+def test_allow_partial_fails_bad_items_alone(embedder_stub, embedder):
+    good = [photo(1), photo(2)]
+    response = embedder_stub.EncodeImage(embedder_pb2.EncodeImageRequest(
+        images=[good[0], CORRUPT, good[1]], allow_partial=True))
+    assert [bool(e.error) for e in response.embeddings] == [False, True, False]
+    vectors = np.stack([np.frombuffer(response.embeddings[i].vector, "<f4") for i in (0, 2)])
+    np.testing.assert_allclose(vectors, embedder.encode_images(good), atol=1e-5)
+
+
+@pytest.mark.parametrize("request_, code, needle", [
+    (search_pb2.SearchByTextRequest(query="", top_k=5), "INVALID_ARGUMENT", "query is empty"),
+    (search_pb2.SearchByTextRequest(query="x", top_k=0), "INVALID_ARGUMENT", "top_k must be between 1 and 1024, got 0"),
+    (search_pb2.SearchByTextRequest(query="x", top_k=-3), "INVALID_ARGUMENT", "got -3"),
+    (search_pb2.SearchByTextRequest(query="x", top_k=1025), "INVALID_ARGUMENT", "got 1025"),
+    (search_pb2.SearchByTextRequest(query="x", top_k=5, collection="no_such"), "NOT_FOUND",
+     "collection 'no_such' does not exist"),
+    (search_pb2.SearchByTextRequest(query="x", top_k=5, collection="bad-name!"), "INVALID_ARGUMENT",
+     "collection name 'bad-name!' is invalid"),
+])
+def test_search_by_text_rejects(search_stub, request_, code, needle):
+    error = status_of(search_stub.SearchByText, request_)
+    assert error.code().name == code
+    assert needle in error.details()
+
+
+@pytest.mark.parametrize("image, needle", [
+    (b"", "image is empty"),
+    (CORRUPT, "image: "),
+])
+def test_search_by_image_rejects(search_stub, image, needle):
+    error = status_of(search_stub.SearchByImage, search_pb2.SearchByImageRequest(image=image, top_k=3))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in error.details()
+
+
+@pytest.mark.parametrize("request_, code, needle", [
+    (search_pb2.DeleteRequest(), "INVALID_ARGUMENT", "no ids"),
+    (search_pb2.DeleteRequest(ids=["a" * 64, "nope"]), "INVALID_ARGUMENT", "ids[1] = 'nope' is not an image id"),
+    (search_pb2.DeleteRequest(ids=["a" * 64], collection="no_such"), "NOT_FOUND", "'no_such'"),
+])
+def test_delete_rejects(search_stub, request_, code, needle):
+    error = status_of(search_stub.Delete, request_)
+    assert error.code().name == code
+    assert needle in error.details()
+
+
+def test_stats_of_unknown_collection(search_stub):
+    error = status_of(search_stub.GetStats, search_pb2.GetStatsRequest(collection="no_such"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_ingest_items_fail_alone(search):
+    items = [IngestItem(photo(10), "good-0"), IngestItem(CORRUPT, "corrupt"), IngestItem(b"", "empty"),
+             IngestItem(photo(11), "good-1"), IngestItem(photo(10), "repeat-of-good-0"),
+             IngestItem(b"GIF89a truncated", "truncated-gif"), IngestItem(photo(12), "good-2")]
+    results = list(search.ingest(items, collection="bad_ingest"))
+    assert [r.index for r in results] == list(range(len(items)))
+    assert [r.uri for r in results] == [i.uri for i in items]
+    assert [IngestResult.Status.Name(r.status) for r in results] == [
+        "INSERTED", "FAILED", "FAILED", "INSERTED", "ALREADY_PRESENT", "FAILED", "INSERTED"]
+    assert results[2].error == "empty image bytes"
+    assert results[1].error and results[5].error
+    assert search.stats("bad_ingest").count == 3
+    hits = search.search_image(photo(11), top_k=1, collection="bad_ingest")
+    assert hits[0].uri == "good-1"
+
+
+def test_ingest_item_naming_another_collection_fails_alone(search_stub):
+    requests = [search_pb2.IngestRequest(image=photo(20), uri="a", collection="mixed"),
+                search_pb2.IngestRequest(image=photo(21), uri="b", collection="other")]
+    results = list(search_stub.Ingest(iter(requests)))
+    assert [r.status for r in results] == [IngestResult.INSERTED, IngestResult.FAILED]
+    assert "use one stream per collection" in results[1].error
+
+
+def test_ingest_into_invalid_collection_name(search_stub):
+    error = status_of(lambda: list(search_stub.Ingest(iter(
+        [search_pb2.IngestRequest(image=photo(), collection="1bad")]))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT

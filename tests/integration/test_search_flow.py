@@ -1,0 +1,109 @@
+"""The tutorial's flow end to end: real embedder and search processes, Milvus
+Lite, the bundled test model, a freshly generated image set, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagesearch.cli import find_images
+from imagesearch.client import IngestItem, IngestResult
+from imagesearch.synthetic import LABELS, caption
+from tests.conftest import EVAL_PER_LABEL
+
+
+def imgsearch(server: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imagesearch.cli", "--server", server, *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ingested(search_service, eval_images):
+    """The eval set ingested through the CLI into the default collection."""
+    run = imgsearch(search_service.address, "ingest", str(eval_images), "--quiet")
+    assert run.returncode == 0, run.stderr + run.stdout
+    return run
+
+
+def test_ingest_summary(ingested):
+    total = len(LABELS) * EVAL_PER_LABEL
+    assert f"{total} images: {total} inserted, 0 already present, 0 failed" in ingested.stdout
+
+
+def test_text_search_precision_at_10(search_service, ingested):
+    """The issue's quality bar, through `imgsearch search --json`: mean precision@10 >= 0.9."""
+    precisions = {}
+    for label in LABELS:
+        run = imgsearch(search_service.address, "search", caption(label), "-k", "10", "--json")
+        assert run.returncode == 0, run.stderr
+        hits = json.loads(run.stdout)
+        assert len(hits) == 10
+        assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+        assert all(set(h) == {"id", "score", "uri", "metadata"} for h in hits)
+        precisions[label] = sum(h["metadata"]["label"] == label for h in hits) / 10
+    mean = sum(precisions.values()) / len(precisions)
+    assert mean >= 0.9, precisions
+
+
+def test_reingest_leaves_count_unchanged(search, search_service, eval_images, ingested):
+    before = search.stats().count
+    run = imgsearch(search_service.address, "ingest", str(eval_images), "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert f"0 inserted, {before} already present, 0 failed" in run.stdout
+    assert search.stats().count == before == len(LABELS) * EVAL_PER_LABEL
+
+
+def test_stats(search, embedder, ingested):
+    stats = search.stats()
+    info = embedder.model_info()
+    assert (stats.collection, stats.dim, stats.model_fingerprint) == ("images", info.dim, info.fingerprint)
+
+
+def test_search_by_image_finds_itself(search, eval_images, ingested):
+    for path in find_images(eval_images)[::37]:
+        [best, *_] = search.search_image(path.read_bytes(), top_k=3)
+        assert best.uri == str(path.resolve())
+        assert best.score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_search_cli_by_image_and_grid(search_service, eval_images, ingested, tmp_path):
+    query = find_images(eval_images)[0]
+    grid = tmp_path / "grid.png"
+    run = imgsearch(search_service.address, "search", "--image", str(query), "-k", "10",
+                    "--grid", str(grid))
+    assert run.returncode == 0, run.stderr
+    assert str(query.resolve()) in run.stdout.splitlines()[0]
+    with Image.open(grid) as picture:
+        assert picture.size == (5 * 150, 2 * 150)
+        # The first cell is the query image itself, resized as the tutorial does.
+        with Image.open(query) as original:
+            expected = original.convert("RGB").resize((150, 150))
+        cell = picture.crop((0, 0, 150, 150))
+        assert np.array_equal(np.asarray(cell), np.asarray(expected))
+
+
+def test_delete(search, eval_images):
+    """Its own collection, so the shared one keeps its count."""
+    paths = find_images(eval_images)[:3]
+    items = [IngestItem(image=p.read_bytes(), uri=str(p)) for p in paths]
+    results = list(search.ingest(items, collection="delete_test"))
+    assert [r.status for r in results] == [IngestResult.INSERTED] * 3
+    ids = [r.id for r in results]
+    gone = search.delete([ids[0], "0" * 64], collection="delete_test")
+    assert (gone.deleted, list(gone.missing)) == (1, ["0" * 64])
+    assert search.stats("delete_test").count == 2
+    hits = search.search_image(paths[0].read_bytes(), top_k=10, collection="delete_test")
+    assert ids[0] not in {h.id for h in hits} and len(hits) == 2
+
+
+def test_cli_stats_and_delete(search_service, ingested):
+    run = imgsearch(search_service.address, "stats")
+    total = len(LABELS) * EVAL_PER_LABEL
+    assert run.returncode == 0 and f"collection images: {total} images" in run.stdout, run.stdout
+    run = imgsearch(search_service.address, "delete", "f" * 64)
+    assert run.returncode == 0 and "deleted 0" in run.stdout and "not found: " + "f" * 64 in run.stdout

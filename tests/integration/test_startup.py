@@ -1,0 +1,49 @@
+"""Start-up failures are loud and say what to do; a collection never mixes models."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+from imagesearch.client import IngestItem, IngestResult, SearchClient
+from tests.integration.test_bad_input import photo
+from tests.services import ROOT, start_search
+
+
+def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 2
+    assert "cannot load CLIP checkpoint" in run.stderr and "What to do" in run.stderr
+    assert "listening" not in run.stderr  # never serves some other model instead
+
+
+def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_service, embedder):
+    """A collection written by another model (same dimension, other weights)
+    is refused, with a message naming both models."""
+    info = embedder.model_info()
+    (tmp_path / "data").mkdir()
+    # In a process of its own: Milvus Lite holds its file lock until exit.
+    create = (f"from search_service.store import MilvusStore, ModelIdentity\n"
+              f"MilvusStore({str(tmp_path / 'data' / 'milvus.db')!r}).open('images', "
+              f"ModelIdentity('other/clip', '0123456789abcdef', {info.dim}), create=True)")
+    subprocess.run([sys.executable, "-c", create], check=True, cwd=ROOT, timeout=120)
+
+    service = start_search(tmp_path, embedder_service.address).wait_ready()
+    try:
+        with SearchClient(service.address) as client:
+            with pytest.raises(grpc.RpcError) as error:
+                client.search_text("a photo of a red circle")
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            for needle in ("'other/clip'", "0123456789abcdef", info.fingerprint, "another collection"):
+                assert needle in error.value.details()
+            # The mismatch is per collection: another one works.
+            [result] = client.ingest([IngestItem(photo(), "x")], collection="fresh")
+            assert result.status == IngestResult.INSERTED
+            assert client.stats().model == "other/clip"
+        assert "holds" in service.log()  # reported at start-up too
+    finally:
+        assert service.stop() == 0

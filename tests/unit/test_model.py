@@ -1,0 +1,84 @@
+"""The embedder's model path against plain transformers, on the bundled checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+from embedder_service.model import ClipEncoder, ModelLoadError
+from embedder_service.preprocess import decode_image
+from tests.services import ROOT, TEST_MODEL
+
+PHOTOS = sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return ClipEncoder(str(TEST_MODEL), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return CLIPModel.from_pretrained(TEST_MODEL).eval()
+
+
+def _unit(x: torch.Tensor) -> np.ndarray:
+    return torch.nn.functional.normalize(x, dim=-1).numpy()
+
+
+def test_image_vectors_match_transformers(encoder, reference):
+    processor = CLIPImageProcessorPil.from_pretrained(TEST_MODEL)
+    images = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in PHOTOS]
+    with torch.inference_mode():
+        expected = _unit(reference.get_image_features(
+            **processor(images=images, return_tensors="pt")).pooler_output)
+    pixels = np.stack([encoder.preprocessor(decode_image(p.read_bytes())) for p in PHOTOS])
+    np.testing.assert_allclose(encoder.encode_pixels(pixels), expected, atol=1e-5)
+
+
+def test_text_vectors_match_transformers_and_are_normalised(encoder, reference):
+    texts = ["a photo of a red circle", "a white dog", "一只白色的狗", "🐕"]
+    tokenizer = AutoTokenizer.from_pretrained(TEST_MODEL)
+    with torch.inference_mode():
+        expected = _unit(reference.get_text_features(
+            **tokenizer(texts, padding=True, return_tensors="pt")).pooler_output)
+    vectors = encoder.encode_texts(texts)
+    np.testing.assert_allclose(vectors, expected, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_texts_longer_than_the_context_are_truncated(encoder):
+    """Words past the model's context change nothing: they were cut off."""
+    long = "a photo of a red circle " * 40
+    assert len(encoder.tokenizer(long)["input_ids"]) > encoder.max_text_tokens
+    a, b = encoder.encode_texts([long, long + " on a blue square background"])
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_batches_larger_than_a_forward_pass(encoder):
+    small = ClipEncoder(str(TEST_MODEL), device="cpu", batch_size=3)
+    texts = [f"a photo of {n} circles" for n in range(8)]
+    np.testing.assert_allclose(small.encode_texts(texts), encoder.encode_texts(texts), atol=1e-5)
+
+
+def test_info_and_fingerprint(encoder):
+    info = encoder.info
+    assert (info.device, info.dtype, info.dim) == ("cpu", "float32", encoder.model.config.projection_dim)
+    assert len(info.fingerprint) == 16
+    # bfloat16 weights are still the same weights: same fingerprint.
+    assert ClipEncoder(str(TEST_MODEL), device="cpu", dtype="bfloat16").info.fingerprint == info.fingerprint
+
+
+def test_half_precision_agrees_with_float32(encoder):
+    """The numerics bar for reduced precision (cosine >= 0.999), on a CPU path."""
+    half = ClipEncoder(str(TEST_MODEL), device="cpu", dtype="float16")
+    pixels = np.stack([encoder.preprocessor(decode_image(p.read_bytes())) for p in PHOTOS])
+    cosines = (half.encode_pixels(pixels) * encoder.encode_pixels(pixels)).sum(axis=1)
+    assert cosines.min() >= 0.999, cosines
+
+
+def test_unloadable_model_says_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="What to do"):
+        ClipEncoder(str(tmp_path), device="cpu")
