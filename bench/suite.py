@@ -1,0 +1,189 @@
+"""The benchmark suite: real services, real load, the tutorial loop beside.
+
+    python -m bench.suite --profile gpu   # on a CUDA machine
+    python -m bench.suite --profile cpu   # batched vs unbatched on a CPU box
+
+Every run uses CLIP ViT-B/32 with random weights (bench/random_clip.py) and
+photo-like 500x375 JPEGs (bench/photos.py), starts the services as separate
+processes on loopback, and appends a section with device, command, commit
+and date to docs/benchmarks.md (raw JSON beside it with --json).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import loadgen
+from bench.naive import naive_loop
+from bench.photos import make_jpegs
+from bench.random_clip import write as write_random_clip
+from embedder_service.model import ClipEncoder
+from embedder_service.preprocess import decode_image
+from tests.services import ROOT, Service
+
+
+class MemorySampler:
+    """Peak RSS and GPU memory of one process while a block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def gpu_mb(self) -> float:
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                                 timeout=10).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return 0.0
+        return sum(float(m) for p, m in (l.split(",") for l in out.splitlines() if "," in l)
+                   if int(p) == self.pid)
+
+    def sample(self) -> dict:
+        return {"rss_mb": round(self.rss_mb(), 1), "gpu_mb": round(self.gpu_mb(), 1)}
+
+    def peak_during(self, fn):
+        peak = {"rss_mb": 0.0, "gpu_mb": 0.0}
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                now = self.sample()
+                for key in peak:
+                    peak[key] = max(peak[key], now[key])
+                stop.wait(0.5)
+
+        thread = threading.Thread(target=poll)
+        thread.start()
+        try:
+            result = fn()
+        finally:
+            stop.set()
+            thread.join()
+        return result, peak
+
+
+def numerics(model_dir: str, jpegs: list[bytes], device: str) -> dict:
+    """Cosine between float16 (bfloat16 on CPU) and float32 embeddings of the same images."""
+    half = "float16" if device == "cuda" else "bfloat16"
+    full, low = ClipEncoder(model_dir, device, "float32"), ClipEncoder(model_dir, device, half)
+    pixels = np.stack([full.preprocessor(decode_image(j)) for j in jpegs])
+    cos = (full.encode_pixels(pixels) * low.encode_pixels(pixels)).sum(axis=1)
+    texts = loadgen.QUERIES
+    tcos = (full.encode_texts(texts) * low.encode_texts(texts)).sum(axis=1)
+    return {"dtype": half, "image_cos_min": round(float(cos.min()), 5),
+            "text_cos_min": round(float(tcos.min()), 5)}
+
+
+def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
+    out: dict = {}
+    naive = naive_loop(model, jpegs[:300], "cuda", torch.float16, str(work / "naive.db"))
+    naive.pop("vectors")
+    out["naive"] = naive
+    out["numerics"] = numerics(model, jpegs[:64], "cuda")
+    torch.cuda.empty_cache()
+    embedder = Service("embedder_service", ["--model", model, "--batch-size", "256",
+                                            "--batch-wait-ms", "2", "--preprocess-workers", "14",
+                                            "--max-queue", "100000"], work / "embedder.log")
+    embedder.wait_ready(600)
+    mem = MemorySampler(embedder.process.pid)
+    out["memory_idle"] = mem.sample()
+    run = lambda **kw: loadgen.run(server=embedder.address, duration_s=seconds, jpegs=jpegs, **kw)
+    out["encode_image"], out["memory_image_load"] = mem.peak_during(
+        lambda: run(target="EncodeImage", concurrency=32, batch=32, procs=4))
+    out["encode_text_b32"], out["memory_text_load"] = mem.peak_during(
+        lambda: run(target="EncodeText", concurrency=64, batch=32, procs=4))
+    out["encode_text_b1"] = run(target="EncodeText", concurrency=64, batch=1, procs=4)
+    out["single_text"] = run(target="EncodeText", concurrency=1, batch=1)
+    search = Service("search_service", ["--embedder", embedder.address, "--data-dir",
+                                        str(work / "data"), "--ingest-batch", "256"],
+                     work / "search.log")
+    search.wait_ready(120)
+    out["ingest"] = loadgen.run(target="Ingest", server=search.address, duration_s=seconds,
+                                jpegs=jpegs, concurrency=8, batch=256, procs=4)
+    out["exit_codes"] = {"search": search.stop(), "embedder": embedder.stop()}
+    return out
+
+
+def cpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
+    out: dict = {}
+    naive = naive_loop(model, jpegs[:40], "cpu", torch.float32, str(work / "naive.db"))
+    naive.pop("vectors")
+    out["naive"] = naive
+    for name, flags in (("unbatched", ["--batch-size", "1", "--batch-wait-ms", "0"]),
+                        ("batched", ["--batch-size", "32", "--batch-wait-ms", "5"])):
+        embedder = Service("embedder_service", ["--model", model, *flags, "--preprocess-workers",
+                                                "2", "--max-queue", "100000"],
+                           work / f"embedder-{name}.log")
+        embedder.wait_ready(600)
+        mem = MemorySampler(embedder.process.pid)
+        out[f"{name}_memory_idle"] = mem.sample()
+        run = lambda **kw: loadgen.run(server=embedder.address, duration_s=seconds, jpegs=jpegs,
+                                       warmup_s=3, **kw)
+        out[f"{name}_image"], out[f"{name}_memory_load"] = mem.peak_during(
+            lambda: run(target="EncodeImage", concurrency=32, batch=1))
+        out[f"{name}_text"] = run(target="EncodeText", concurrency=32, batch=1)
+        out[f"{name}_exit"] = embedder.stop()
+    return out
+
+
+def device_name(profile: str) -> str:
+    if profile == "gpu":
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=["gpu", "cpu"], required=True)
+    parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--commit", default=None, help="commit to report (default: git HEAD)")
+    parser.add_argument("--work", type=Path, help="keep model, data and service logs here "
+                                                   "(default: a temporary folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model = str(write_random_clip(work / "vit-b32-random"))
+        jpegs = make_jpegs(512)
+        profile = gpu_profile if args.profile == "gpu" else cpu_profile
+        started = time.time()
+        results = profile(model, work, jpegs, args.seconds)
+    results["meta"] = {"device": device_name(args.profile), "commit": args.commit or commit(),
+                       "date": datetime.date.today().isoformat(), "python": sys.version.split()[0],
+                       "torch": torch.__version__, "wall_s": round(time.time() - started),
+                       "command": f"python -m bench.suite --profile {args.profile} --seconds {args.seconds:g}"}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
