@@ -11,7 +11,7 @@ from pathlib import Path
 from imagesearch.health import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_MODEL = Path("/tmp/ckpt-x")
+TEST_MODEL = ROOT / "tests" / "fixtures" / "shapes-clip"
 
 
 def free_port() -> int:
