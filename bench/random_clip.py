@@ -14,7 +14,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 TEST_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "shapes-clip"
 
 
-def write(out: Path) -> Path:
+def write(out: Path, tokenizer_from: Path = TEST_MODEL) -> Path:
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
@@ -24,7 +24,7 @@ def write(out: Path) -> Path:
         projection_dim=512)
     CLIPModel(config).save_pretrained(out)
     CLIPImageProcessor().save_pretrained(out)  # OpenAI CLIP's 224 px settings
-    for name in TEST_MODEL.iterdir():
+    for name in tokenizer_from.iterdir():
         if name.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
             shutil.copy(name, out / name.name)
     return out

@@ -31,7 +31,7 @@ from bench.photos import make_jpegs
 from bench.random_clip import write as write_random_clip
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import decode_image
-from tests.services import ROOT, Service
+from tests.services import ROOT, TEST_MODEL, Service
 
 
 class MemorySampler:
@@ -56,11 +56,22 @@ class MemorySampler:
         return sum(float(m) for p, m in (l.split(",") for l in out.splitlines() if "," in l)
                    if int(p) == self.pid)
 
+    @staticmethod
+    def gpu_total_mb() -> float:
+        """Memory used on the whole GPU (per-process figures can be hidden in VMs)."""
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10).stdout
+            return float(out.split()[0])
+        except (OSError, subprocess.TimeoutExpired, IndexError, ValueError):
+            return 0.0
+
     def sample(self) -> dict:
-        return {"rss_mb": round(self.rss_mb(), 1), "gpu_mb": round(self.gpu_mb(), 1)}
+        return {"rss_mb": round(self.rss_mb(), 1), "gpu_mb": round(self.gpu_mb(), 1),
+                "gpu_total_mb": round(self.gpu_total_mb(), 1)}
 
     def peak_during(self, fn):
-        peak = {"rss_mb": 0.0, "gpu_mb": 0.0}
+        peak = {"rss_mb": 0.0, "gpu_mb": 0.0, "gpu_total_mb": 0.0}
         stop = threading.Event()
 
         def poll():
@@ -100,7 +111,7 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> d
     out["numerics"] = numerics(model, jpegs[:64], "cuda")
     torch.cuda.empty_cache()
     embedder = Service("embedder_service", ["--model", model, "--batch-size", "256",
-                                            "--batch-wait-ms", "2", "--preprocess-workers", "14",
+                                            "--preprocess-workers", "14",
                                             "--max-queue", "100000"], work / "embedder.log")
     embedder.wait_ready(600)
     mem = MemorySampler(embedder.process.pid)
@@ -128,7 +139,7 @@ def cpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> d
     naive.pop("vectors")
     out["naive"] = naive
     for name, flags in (("unbatched", ["--batch-size", "1", "--batch-wait-ms", "0"]),
-                        ("batched", ["--batch-size", "32", "--batch-wait-ms", "5"])):
+                        ("batched", ["--batch-size", "32"])):
         embedder = Service("embedder_service", ["--model", model, *flags, "--preprocess-workers",
                                                 "2", "--max-queue", "100000"],
                            work / f"embedder-{name}.log")
@@ -164,13 +175,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--commit", default=None, help="commit to report (default: git HEAD)")
+    parser.add_argument("--tokenizer", type=Path, default=TEST_MODEL,
+                        help="checkpoint directory to take tokenizer files from")
     parser.add_argument("--work", type=Path, help="keep model, data and service logs here "
                                                    "(default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model = str(write_random_clip(work / "vit-b32-random"))
+        model = str(write_random_clip(work / "vit-b32-random", args.tokenizer))
         jpegs = make_jpegs(512)
         profile = gpu_profile if args.profile == "gpu" else cpu_profile
         started = time.time()

@@ -53,8 +53,10 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--batch-size", default=64, type=positive_int,
                help="most items in one forward pass: concurrent requests are batched together "
                     "up to this; a larger request runs in several passes (1 turns batching off)")
-    p.env_flag("--batch-wait-ms", default=2.0, type=float,
-               help="how long the oldest queued request waits for a batch to fill")
+    p.env_flag("--batch-wait-ms", default=0.0, type=float,
+               help="how long the oldest queued request may wait for a batch to fill. 0 runs "
+                    "as soon as the model is free, adding no latency when idle; under load "
+                    "batches still fill while the previous one runs")
     p.env_flag("--max-queue", default=4096, type=positive_int,
                help="most items waiting for the model; beyond it requests get RESOURCE_EXHAUSTED "
                     "at once instead of piling up into timeouts")
