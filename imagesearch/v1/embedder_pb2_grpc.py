@@ -62,8 +62,12 @@ class EmbedderServicer:
         INVALID_ARGUMENT   no texts; a text that is empty or only whitespace;
         more texts than the server's --max-batch-items.
         The message names every bad item ("texts[3]: ...").
-        RESOURCE_EXHAUSTED the request is larger than --max-message-mb.
-        DEADLINE_EXCEEDED  the caller's deadline passed before the result.
+        RESOURCE_EXHAUSTED the request is larger than --max-message-mb, or the
+        queue in front of the model is full (--max-queue):
+        back off and retry, or add replicas.
+        DEADLINE_EXCEEDED  the caller's deadline passed before the result; a
+        request that expires while queued never reaches
+        the model.
         UNAVAILABLE        the server is starting or shutting down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -84,8 +88,8 @@ class EmbedderServicer:
         INVALID_ARGUMENT   no images; an empty or undecodable image (unless
         allow_partial); more images than --max-batch-items.
         The message names every bad item ("images[2]: ...").
-        RESOURCE_EXHAUSTED the request is larger than --max-message-mb.
-        DEADLINE_EXCEEDED  the caller's deadline passed before the result.
+        RESOURCE_EXHAUSTED as for EncodeText.
+        DEADLINE_EXCEEDED  as for EncodeText.
         UNAVAILABLE        the server is starting or shutting down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
