@@ -22,6 +22,7 @@ class EmbedderConfig:
     batch_wait_ms: float
     max_queue: int
     preprocess_workers: int
+    preprocess_mode: str
     torch_threads: int
     max_image_pixels: int
     max_message_mb: int
@@ -62,6 +63,9 @@ def build_parser() -> EnvArgumentParser:
                     "at once instead of piling up into timeouts")
     p.env_flag("--preprocess-workers", default=os.cpu_count() or 1, type=positive_int,
                help="threads that decode and resize images in parallel")
+    p.env_flag("--preprocess-mode", default="thread", choices=["thread", "process"],
+               help="run the preprocess workers as threads, or as processes (no GIL: scales "
+                    "further on many cores, costs memory and a copy per image)")
     p.env_flag("--torch-threads", default=0, type=int,
                help="CPU threads torch may use for one forward pass; 0 keeps torch's default "
                     "(all cores). Lower it when other busy processes share the cores")

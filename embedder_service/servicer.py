@@ -16,7 +16,7 @@ import numpy as np
 from embedder_service.batcher import Batcher, Expired, QueueFull
 from embedder_service.config import EmbedderConfig
 from embedder_service.model import ClipEncoder
-from embedder_service.preprocess import ImageDecodeError, decode_image
+from embedder_service.workers import CHUNK, make_pool, prepare
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 _MAX_LISTED = 10  # bad items named in one error message
@@ -39,8 +39,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             [text for texts in payloads for text in texts]), self._model_thread, **limits)
         self.images = Batcher("image", lambda payloads: encoder.encode_pixels(
             np.concatenate(payloads)), self._model_thread, **limits)
-        self._preprocess_pool = ThreadPoolExecutor(config.preprocess_workers,
-                                                   thread_name_prefix="preprocess")
+        self._preprocess_pool = make_pool(config.preprocess_mode, config.preprocess_workers,
+                                          encoder.preprocessor, config.max_image_pixels)
         info = encoder.info
         self._info = embedder_pb2.ModelInfo(
             name=info.name, dim=info.dim, device=info.device, dtype=info.dtype,
@@ -86,13 +86,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         vectors = await self._encode(self.texts, texts, len(texts), context)
         return self._response(vectors)
 
-    def _prepare(self, data: bytes) -> np.ndarray | str:
-        """Pixels for one image, or the reason it cannot be used."""
-        try:
-            return self._encoder.preprocessor(decode_image(data, self._config.max_image_pixels))
-        except ImageDecodeError as exc:
-            return str(exc)
-
     async def EncodeImage(self, request, context):
         images = list(request.images)
         await self._check_count("images", len(images), context)
@@ -101,8 +94,10 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, self._prepare, data)
-                                          for data in images))
+        chunks = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, prepare,
+                                                             images[i:i + CHUNK])
+                                        for i in range(0, len(images), CHUNK)))
+        prepared = [p for chunk in chunks for p in chunk]
         errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
         if errors and not request.allow_partial:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
