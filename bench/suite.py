@@ -103,32 +103,81 @@ def numerics(model_dir: str, jpegs: list[bytes], device: str) -> dict:
             "text_cos_min": round(float(tcos.min()), 5)}
 
 
+def model_alone(model_dir: str, device: str, batch: int = 256) -> dict:
+    """The ceiling: the encoder with no server, no decoding (random pixels)."""
+    encoder = ClipEncoder(model_dir, device, batch_size=batch)
+    pixels = np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)
+    texts = (loadgen.QUERIES * batch)[:batch]
+
+    def per_second(fn, items: int, reps: int = 10) -> float:
+        fn()
+        started = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return round(items * reps / (time.perf_counter() - started), 1)
+
+    single = []
+    for _ in range(200):
+        started = time.perf_counter()
+        encoder.encode_texts(["a white dog"])
+        single.append((time.perf_counter() - started) * 1000)
+    return {"batch": batch, "images_per_s": per_second(lambda: encoder.encode_pixels(pixels), batch),
+            "texts_per_s": per_second(lambda: encoder.encode_texts(texts), batch),
+            "single_text_ms_p50": round(float(np.percentile(single, 50)), 3)}
+
+
+def guarded(out: dict, key: str, fn) -> None:
+    """Run one section; a failure is recorded, and the rest still runs."""
+    try:
+        out[key] = fn()
+    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
+        out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
     out: dict = {}
-    naive = naive_loop(model, jpegs[:300], "cuda", torch.float16, str(work / "naive.db"))
-    naive.pop("vectors")
-    out["naive"] = naive
-    out["numerics"] = numerics(model, jpegs[:64], "cuda")
+
+    def naive():
+        result = naive_loop(model, jpegs[:300], "cuda", torch.float16, str(work / "naive.db"))
+        result.pop("vectors")
+        return result
+
+    guarded(out, "naive", naive)
+    guarded(out, "numerics", lambda: numerics(model, jpegs[:64], "cuda"))
+    guarded(out, "model_alone", lambda: model_alone(model, "cuda"))
     torch.cuda.empty_cache()
-    embedder = Service("embedder_service", ["--model", model, "--batch-size", "256",
-                                            "--preprocess-workers", "14",
-                                            "--max-queue", "100000"], work / "embedder.log")
-    embedder.wait_ready(600)
-    mem = MemorySampler(embedder.process.pid)
+
+    def start(mode: str) -> tuple[Service, MemorySampler]:
+        embedder = Service("embedder_service", ["--model", model, "--batch-size", "256",
+                                                "--preprocess-workers", "14", "--preprocess-mode",
+                                                mode, "--max-queue", "100000"],
+                           work / f"embedder-{mode}.log")
+        embedder.wait_ready(600)
+        return embedder, MemorySampler(embedder.process.pid)
+
+    def load(server: str, **kw):
+        return lambda: loadgen.run(server=server, duration_s=seconds, jpegs=jpegs, **kw)
+
+    # Threads first, images only: the comparison for --preprocess-mode.
+    embedder, mem = start("thread")
+    guarded(out, "encode_image_thread", lambda: mem.peak_during(
+        load(embedder.address, target="EncodeImage", concurrency=32, batch=32, procs=4)))
+    out["exit_embedder_thread"] = embedder.stop()
+
+    embedder, mem = start("process")
     out["memory_idle"] = mem.sample()
-    run = lambda **kw: loadgen.run(server=embedder.address, duration_s=seconds, jpegs=jpegs, **kw)
-    out["encode_image"], out["memory_image_load"] = mem.peak_during(
-        lambda: run(target="EncodeImage", concurrency=32, batch=32, procs=4))
-    out["encode_text_b32"], out["memory_text_load"] = mem.peak_during(
-        lambda: run(target="EncodeText", concurrency=64, batch=32, procs=4))
-    out["encode_text_b1"] = run(target="EncodeText", concurrency=64, batch=1, procs=4)
-    out["single_text"] = run(target="EncodeText", concurrency=1, batch=1)
+    guarded(out, "encode_image", lambda: mem.peak_during(
+        load(embedder.address, target="EncodeImage", concurrency=32, batch=32, procs=4)))
+    guarded(out, "encode_text_b32", lambda: mem.peak_during(
+        load(embedder.address, target="EncodeText", concurrency=64, batch=32, procs=4)))
+    guarded(out, "encode_text_b1", load(embedder.address, target="EncodeText", concurrency=64,
+                                        batch=1, procs=4))
+    guarded(out, "single_text", load(embedder.address, target="EncodeText", concurrency=1, batch=1))
     search = Service("search_service", ["--embedder", embedder.address, "--data-dir",
                                         str(work / "data"), "--ingest-batch", "256"],
                      work / "search.log")
     search.wait_ready(120)
-    out["ingest"] = loadgen.run(target="Ingest", server=search.address, duration_s=seconds,
-                                jpegs=jpegs, concurrency=8, batch=256, procs=4)
+    guarded(out, "ingest", load(search.address, target="Ingest", concurrency=8, batch=256, procs=4))
     out["exit_codes"] = {"search": search.stop(), "embedder": embedder.stop()}
     return out
 
