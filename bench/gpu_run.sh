@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 nvidia-smi -L
 python3 -c "import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)"
 python3 -m bench.suite --profile gpu --seconds "${SECONDS_PER_RUN:-15}" --commit "${COMMIT:-unknown}" \
-  --work /tmp/benchwork ${TOKENIZER:+--tokenizer "$TOKENIZER"} --json "$OUT/gpu.json" 2>&1 | tee "$OUT/log"
+  --work /tmp/benchwork ${TOKENIZER:+--tokenizer "$TOKENIZER"} $EXTRA --json "$OUT/gpu.json" 2>&1 | tee "$OUT/log"
 status=$?
 cp /tmp/benchwork/*.log "$OUT/" 2>/dev/null
 exit $status

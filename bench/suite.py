@@ -95,8 +95,8 @@ def numerics(model_dir: str, jpegs: list[bytes], device: str) -> dict:
     """Cosine between float16 (bfloat16 on CPU) and float32 embeddings of the same images."""
     half = "float16" if device == "cuda" else "bfloat16"
     full, low = ClipEncoder(model_dir, device, "float32"), ClipEncoder(model_dir, device, half)
-    pixels = np.stack([full.preprocessor(decode_image(j)) for j in jpegs])
-    cos = (full.encode_pixels(pixels) * low.encode_pixels(pixels)).sum(axis=1)
+    crops = np.stack([full.preprocessor.crop(decode_image(j)) for j in jpegs])
+    cos = (full.encode_images(crops) * low.encode_images(crops)).sum(axis=1)
     texts = loadgen.QUERIES
     tcos = (full.encode_texts(texts) * low.encode_texts(texts)).sum(axis=1)
     return {"dtype": half, "image_cos_min": round(float(cos.min()), 5),
@@ -104,9 +104,9 @@ def numerics(model_dir: str, jpegs: list[bytes], device: str) -> dict:
 
 
 def model_alone(model_dir: str, device: str, batch: int = 256) -> dict:
-    """The ceiling: the encoder with no server, no decoding (random pixels)."""
+    """The ceiling: the encoder with no server, no decoding (random crops)."""
     encoder = ClipEncoder(model_dir, device, batch_size=batch)
-    pixels = np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)
+    crops = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     texts = (loadgen.QUERIES * batch)[:batch]
 
     def per_second(fn, items: int, reps: int = 10) -> float:
@@ -121,7 +121,7 @@ def model_alone(model_dir: str, device: str, batch: int = 256) -> dict:
         started = time.perf_counter()
         encoder.encode_texts(["a white dog"])
         single.append((time.perf_counter() - started) * 1000)
-    return {"batch": batch, "images_per_s": per_second(lambda: encoder.encode_pixels(pixels), batch),
+    return {"batch": batch, "images_per_s": per_second(lambda: encoder.encode_images(crops), batch),
             "texts_per_s": per_second(lambda: encoder.encode_texts(texts), batch),
             "single_text_ms_p50": round(float(np.percentile(single, 50)), 3)}
 
@@ -134,7 +134,8 @@ def guarded(out: dict, key: str, fn) -> None:
         out[key] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
-def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
+def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
+                compare_threads: bool = True) -> dict:
     out: dict = {}
 
     def naive():
@@ -158,11 +159,11 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> d
     def load(server: str, **kw):
         return lambda: loadgen.run(server=server, duration_s=seconds, jpegs=jpegs, **kw)
 
-    # Threads first, images only: the comparison for --preprocess-mode.
-    embedder, mem = start("thread")
-    guarded(out, "encode_image_thread", lambda: mem.peak_during(
-        load(embedder.address, target="EncodeImage", concurrency=32, batch=32, procs=4)))
-    out["exit_embedder_thread"] = embedder.stop()
+    if compare_threads:  # images only: the comparison for --preprocess-mode
+        embedder, mem = start("thread")
+        guarded(out, "encode_image_thread", lambda: mem.peak_during(
+            load(embedder.address, target="EncodeImage", concurrency=32, batch=32, procs=4)))
+        out["exit_embedder_thread"] = embedder.stop()
 
     embedder, mem = start("process")
     out["memory_idle"] = mem.sample()
@@ -182,7 +183,8 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> d
     return out
 
 
-def cpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
+def cpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
+                compare_threads: bool = False) -> dict:
     out: dict = {}
     naive = naive_loop(model, jpegs[:40], "cpu", torch.float32, str(work / "naive.db"))
     naive.pop("vectors")
@@ -222,6 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["gpu", "cpu"], required=True)
     parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
+    parser.add_argument("--compare-threads", action=argparse.BooleanOptionalAction, default=True,
+                        help="gpu: also run EncodeImage with thread preprocessing")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--commit", default=None, help="commit to report (default: git HEAD)")
     parser.add_argument("--tokenizer", type=Path, default=TEST_MODEL,
@@ -236,11 +240,11 @@ def main() -> None:
         jpegs = make_jpegs(512)
         profile = gpu_profile if args.profile == "gpu" else cpu_profile
         started = time.time()
-        results = profile(model, work, jpegs, args.seconds)
+        results = profile(model, work, jpegs, args.seconds, args.compare_threads)
     results["meta"] = {"device": device_name(args.profile), "commit": args.commit or commit(),
                        "date": datetime.date.today().isoformat(), "python": sys.version.split()[0],
                        "torch": torch.__version__, "wall_s": round(time.time() - started),
-                       "command": f"python -m bench.suite --profile {args.profile} --seconds {args.seconds:g}"}
+                       "command": " ".join(["python -m bench.suite", *sys.argv[1:]])}
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

@@ -63,9 +63,10 @@ def build_parser() -> EnvArgumentParser:
                     "at once instead of piling up into timeouts")
     p.env_flag("--preprocess-workers", default=os.cpu_count() or 1, type=positive_int,
                help="threads that decode and resize images in parallel")
-    p.env_flag("--preprocess-mode", default="thread", choices=["thread", "process"],
+    p.env_flag("--preprocess-mode", default="auto", choices=["auto", "thread", "process"],
                help="run the preprocess workers as threads, or as processes (no GIL: scales "
-                    "further on many cores, costs memory and a copy per image)")
+                    "further on many cores, costs memory and a copy per image); auto is "
+                    "process on CUDA, where decoding is the bottleneck, else thread")
     p.env_flag("--torch-threads", default=0, type=int,
                help="CPU threads torch may use for one forward pass; 0 keeps torch's default "
                     "(all cores). Lower it when other busy processes share the cores")

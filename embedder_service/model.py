@@ -64,7 +64,7 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
 
 
 class ClipEncoder:
-    """A CLIP model on one device: texts and preprocessed pixels in,
+    """A CLIP model on one device: texts and preprocessed image crops in,
     L2-normalised float32 vectors out. Not thread-safe: call from one thread."""
 
     def __init__(self, name: str, device: str = "auto", dtype: str = "auto",
@@ -85,6 +85,7 @@ class ClipEncoder:
                 "cache first and set HF_HUB_OFFLINE=1.") from exc
         fingerprint = weights_fingerprint(model)
         self.model = model.to(self.device, self.dtype).eval()
+        self._lut = torch.from_numpy(self.preprocessor.lut).to(self.device)
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
         self.info = ModelInfo(name=name, dim=int(model.config.projection_dim),
                               device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
@@ -106,12 +107,17 @@ class ClipEncoder:
         return np.concatenate(chunks)
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, dim) vectors from (N, 3, H, W) pixel values made by `self.preprocessor`."""
+    def encode_images(self, crops: np.ndarray) -> np.ndarray:
+        """(N, dim) vectors from (N, H, W, 3) uint8 crops made by `preprocessor.crop`.
+        Rescale and normalise happen here, on the device, through the
+        preprocessor's own lookup table: the same float32 values as on the CPU."""
         chunks = []
-        for start in range(0, len(pixels), self.batch_size):
-            batch = torch.from_numpy(pixels[start:start + self.batch_size]).to(self.device, self.dtype)
-            chunks.append(self._normalised(_features(self.model.get_image_features(pixel_values=batch))))
+        for start in range(0, len(crops), self.batch_size):
+            raw = torch.from_numpy(crops[start:start + self.batch_size]).to(self.device)
+            raw = raw.permute(0, 3, 1, 2).long()
+            pixels = torch.stack([self._lut[c][raw[:, c]] for c in range(3)], dim=1)
+            features = self.model.get_image_features(pixel_values=pixels.to(self.dtype))
+            chunks.append(self._normalised(_features(features)))
         return np.concatenate(chunks)
 
     @staticmethod

@@ -335,7 +335,7 @@ class Preprocessor:
         self.do_convert_rgb = bool(do_convert_rgb)
         if self.do_resize:
             _resize_output_size(100, 100, self.size)  # validate now, not per image
-        self._lut = self._build_lut()
+        self.lut = self._build_lut()
 
     # -- construction ---------------------------------------------------------
 
@@ -426,8 +426,9 @@ class Preprocessor:
             return _resize_output_size(height, width, self.size)
         return height, width
 
-    def _prepare(self, image: Image.Image) -> np.ndarray:
-        """Resized and cropped (H, W, 3) uint8."""
+    def crop(self, image: Image.Image) -> np.ndarray:
+        """Resized and cropped (H, W, 3) uint8: the pixels before rescale and
+        normalise, which `lut[c][value]` maps to the model's input."""
         image = convert_to_rgb(image)
         if self.do_resize:
             new_h, new_w = _resize_output_size(image.height, image.width, self.size)
@@ -443,19 +444,19 @@ class Preprocessor:
 
     def _apply_lut(self, hwc: np.ndarray, out: np.ndarray) -> np.ndarray:
         for c in range(3):
-            np.take(self._lut[c], hwc[:, :, c], out=out[c], mode="clip")
+            np.take(self.lut[c], hwc[:, :, c], out=out[c], mode="clip")
         return out
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """float32 (3, H, W) pixel values for one PIL image."""
-        hwc = self._prepare(image)
+        hwc = self.crop(image)
         out = np.empty((3, hwc.shape[0], hwc.shape[1]), dtype=np.float32)
         return self._apply_lut(hwc, out)
 
     def batch(self, images: Iterable[Image.Image]) -> np.ndarray:
         """float32 (N, 3, H, W); all images must give the same output size
         (always true with do_center_crop)."""
-        prepared = [self._prepare(image) for image in images]
+        prepared = [self.crop(image) for image in images]
         if not prepared:
             h, w = self.crop_size if self.do_center_crop else (0, 0)
             return np.empty((0, 3, h, w), dtype=np.float32)

@@ -37,9 +37,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                       max_queue=config.max_queue)
         self.texts = Batcher("text", lambda payloads: encoder.encode_texts(
             [text for texts in payloads for text in texts]), self._model_thread, **limits)
-        self.images = Batcher("image", lambda payloads: encoder.encode_pixels(
+        self.images = Batcher("image", lambda payloads: encoder.encode_images(
             np.concatenate(payloads)), self._model_thread, **limits)
-        self._preprocess_pool = make_pool(config.preprocess_mode, config.preprocess_workers,
+        mode = config.preprocess_mode
+        if mode == "auto":
+            mode = "process" if encoder.device.type == "cuda" else "thread"
+        self._preprocess_pool = make_pool(mode, config.preprocess_workers,
                                           encoder.preprocessor, config.max_image_pixels)
         info = encoder.info
         self._info = embedder_pb2.ModelInfo(
@@ -117,6 +120,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         """One text and one image through the model, so the first real call is not slow."""
         loop = asyncio.get_running_loop()
         size = self._encoder.preprocessor.crop_size
-        pixels = np.zeros((1, 3, size[0], size[1]), dtype=np.float32)
+        crops = np.zeros((1, size[0], size[1], 3), dtype=np.uint8)
         await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"])
-        await loop.run_in_executor(self._model_thread, self._encoder.encode_pixels, pixels)
+        await loop.run_in_executor(self._model_thread, self._encoder.encode_images, crops)
