@@ -181,7 +181,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
     async def _ingest_batch(self, collection: str, batch, context) -> list[Result]:
         results: dict[int, Result] = {}
         todo: dict[str, tuple[int, search_pb2.IngestRequest]] = {}  # id -> first item with it
-        repeats: list[tuple[int, str]] = []  # later items with the same bytes in this batch
+        repeats: list[tuple[int, str, str]] = []  # later items with the same bytes: index, id, uri
         for index, request in batch:
             error = self._item_error(request, collection)
             id_ = image_id(request.image) if request.image else ""
@@ -189,7 +189,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
                 results[index] = Result(index=index, id=id_, uri=request.uri,
                                         status=Result.FAILED, error=error)
             elif id_ in todo:
-                repeats.append((index, id_))
+                repeats.append((index, id_, request.uri))
             else:
                 todo[id_] = (index, request)
         present = await self._milvus(self._store.existing_ids, collection, list(todo))
@@ -209,11 +209,10 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             index, request = todo[id_]
             results[index] = Result(index=index, id=id_, uri=request.uri,
                                     status=Result.ALREADY_PRESENT)
-        for index, id_ in repeats:  # a repeat shares the fate of the first copy
+        for index, id_, uri in repeats:  # a repeat shares the fate of the first copy
             first = results[todo[id_][0]]
             status = Result.FAILED if first.status == Result.FAILED else Result.ALREADY_PRESENT
-            results[index] = Result(index=index, id=id_, uri=dict(batch)[index].uri,
-                                    status=status, error=first.error)
+            results[index] = Result(index=index, id=id_, uri=uri, status=status, error=first.error)
         return [results[index] for index, _ in batch]
 
     def _item_error(self, request: search_pb2.IngestRequest, collection: str) -> str:
