@@ -34,14 +34,14 @@ QUERY=${QUERY:-a white dog}
 python -m embedder_service --model "$MODEL" --host 127.0.0.1 --port "$EMBEDDER_PORT" \
   > "$WORK/embedder.log" 2>&1 &
 EMBEDDER_PID=$!
+trap 'kill $EMBEDDER_PID 2>/dev/null; wait' EXIT
+echo "waiting for the services (logs in $WORK/)"
+imgsearch health "127.0.0.1:$EMBEDDER_PORT" --wait 600 >/dev/null \
+  || { echo "embedder did not start:"; tail -20 "$WORK/embedder.log"; exit 1; }
 python -m search_service --host 127.0.0.1 --port "$SEARCH_PORT" \
   --embedder "127.0.0.1:$EMBEDDER_PORT" --data-dir "$WORK/data" > "$WORK/search.log" 2>&1 &
 SEARCH_PID=$!
 trap 'kill $SEARCH_PID $EMBEDDER_PID 2>/dev/null; wait' EXIT
-
-echo "waiting for the services (logs in $WORK/)"
-imgsearch health "127.0.0.1:$EMBEDDER_PORT" --wait 600 >/dev/null \
-  || { echo "embedder did not start:"; tail -20 "$WORK/embedder.log"; exit 1; }
 imgsearch health "$SERVER" --wait 60 >/dev/null \
   || { echo "search service did not start:"; tail -20 "$WORK/search.log"; exit 1; }
 

@@ -15,13 +15,19 @@ from search_service.errors import (DeadlineExceeded, DependencyUnavailable, Inva
 from search_service.store import ModelIdentity
 
 _MARGIN_S = 0.02  # left to the caller's side to write its answer
+# Calls fail fast (UNAVAILABLE) while the embedder is down; these keep the
+# channel's reconnect backoff short, so it recovers within a second of the
+# embedder coming back instead of gRPC's default of up to two minutes.
+_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+              ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 class EmbedderClient:
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int) -> None:
         self._target = target
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options(max_message_bytes))
+        self._channel = grpc.aio.insecure_channel(
+            target, options=channel_options(max_message_bytes) + _RECONNECT)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self._model: ModelIdentity | None = None
 

@@ -23,8 +23,9 @@ def free_port() -> int:
 class Service:
     """One service process (`python -m MODULE ARGS`), logging to a file."""
 
-    def __init__(self, module: str, args: list[str], log_path: Path, env: dict | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, module: str, args: list[str], log_path: Path, env: dict | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -55,10 +56,10 @@ class Service:
         return self.process.returncode
 
 
-def start_embedder(tmp: Path, *args: str) -> Service:
+def start_embedder(tmp: Path, *args: str, port: int | None = None) -> Service:
     return Service("embedder_service", ["--model", str(TEST_MODEL), "--preprocess-workers", "2",
                                         "--torch-threads", "1", *args],
-                   tmp / f"embedder-{free_port()}.log")
+                   tmp / f"embedder-{free_port()}.log", port=port)
 
 
 def start_search(tmp: Path, embedder: str, *args: str) -> Service:

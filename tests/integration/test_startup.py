@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from tests.integration.test_bad_input import photo
-from tests.services import ROOT, start_search
+from tests.services import ROOT, free_port, start_embedder, start_search
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
@@ -47,3 +48,30 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
         assert "holds" in service.log()  # reported at start-up too
     finally:
         assert service.stop() == 0
+
+
+def test_search_service_starts_before_the_embedder_and_recovers(tmp_path):
+    """Started first, the search service answers UNAVAILABLE naming the
+    embedder, then serves within seconds of the embedder coming up."""
+    port = free_port()
+    search = start_search(tmp_path, f"127.0.0.1:{port}").wait_ready()
+    try:
+        with SearchClient(search.address) as client:
+            with pytest.raises(grpc.RpcError) as error:
+                client.search_text("a photo of a red circle")
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"embedder at 127.0.0.1:{port} is unavailable" in error.value.details()
+            embedder = start_embedder(tmp_path, port=port).wait_ready()
+            try:
+                deadline = time.monotonic() + 5
+                while True:
+                    try:
+                        assert client.search_text("a photo of a red circle") == []
+                        break
+                    except grpc.RpcError:
+                        assert time.monotonic() < deadline, "no recovery within 5 s"
+                        time.sleep(0.1)
+            finally:
+                assert embedder.stop() == 0
+    finally:
+        assert search.stop() == 0
