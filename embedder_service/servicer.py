@@ -117,9 +117,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         return self._info
 
     async def warm_up(self) -> None:
-        """One text and one image through the model, so the first real call is not slow."""
+        """Both encoders at batch 1 and at the full batch size, so the first
+        real calls of either shape meet no lazy initialisation."""
         loop = asyncio.get_running_loop()
-        size = self._encoder.preprocessor.crop_size
-        crops = np.zeros((1, size[0], size[1], 3), dtype=np.uint8)
-        await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"])
-        await loop.run_in_executor(self._model_thread, self._encoder.encode_images, crops)
+        height, width = self._encoder.preprocessor.crop_size
+        for n in sorted({1, self._config.batch_size}):
+            crops = np.zeros((n, height, width, 3), dtype=np.uint8)
+            await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"] * n)
+            await loop.run_in_executor(self._model_thread, self._encoder.encode_images, crops)
