@@ -1,11 +1,13 @@
-"""Session-wide real services: one embedder (the bundled test model) and one
-search service on Milvus Lite, both separate processes on loopback ports."""
+"""Session-wide real services: one embedder (the bundled test model) and a
+search service, each a separate process on loopback ports. Every test that
+uses the search service runs twice: on an embedded Milvus Lite file, and on
+a real Milvus standalone server that the session starts itself."""
 from __future__ import annotations
 
 import pytest
 
 from imagesearch.client import EmbedderClient, SearchClient
-from tests.services import start_embedder, start_search
+from tests.services import MilvusServer, start_embedder, start_search
 
 EVAL_SEED = 7  # never used for training (tools/train_test_model.py)
 EVAL_PER_LABEL = 10
@@ -19,8 +21,19 @@ def embedder_service(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def search_service(tmp_path_factory, embedder_service):
-    service = start_search(tmp_path_factory.mktemp("search"), embedder_service.address).wait_ready()
+def milvus_server(tmp_path_factory):
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server")).wait_ready()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session", params=["lite", "server"])
+def search_service(request, tmp_path_factory, embedder_service):
+    args = []
+    if request.param == "server":
+        args = ["--milvus-uri", request.getfixturevalue("milvus_server").uri]
+    service = start_search(tmp_path_factory.mktemp(f"search-{request.param}"),
+                           embedder_service.address, *args).wait_ready()
     yield service
     assert service.stop() == 0, service.log()
 

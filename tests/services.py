@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from imagesearch.health import wait_serving
@@ -65,3 +66,67 @@ def start_embedder(tmp: Path, *args: str, port: int | None = None) -> Service:
 def start_search(tmp: Path, embedder: str, *args: str) -> Service:
     return Service("search_service", ["--embedder", embedder, "--data-dir", str(tmp / "data"), *args],
                    tmp / f"search-{free_port()}.log")
+
+
+class MilvusServer:
+    """A real Milvus standalone server (PyPI `milvus`: the Milvus binary with
+    embedded etcd) on a free proxy port and a temporary data directory. Its
+    other ports are picked free by `milvus-server` itself."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir / "milvus-server.log"
+        exe = Path(sys.executable).parent / "milvus-server"
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                [str(exe), "--data", str(data_dir), "--proxy-port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = 240) -> "MilvusServer":
+        """Block until the server answers; fail loudly (never skip) if it does not."""
+        from pymilvus import MilvusClient, MilvusException
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                client = MilvusClient(uri=self.uri, timeout=5)
+                client.list_collections()
+                client.close()
+                return self
+            except MilvusException:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"Milvus server at {self.uri} not ready after {timeout_s} s; log tail:\n"
+                           + self.log_path.read_text(errors="replace")[-3000:])
+
+    def _binaries(self) -> list[int]:
+        """Pids of the Milvus binary the wrapper started: it runs from under the
+        data directory and outlives a signal to the wrapper's process group."""
+        marker = str(self.data_dir / "bin" / "milvus").encode()
+        pids = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if cmdline.read_bytes().startswith(marker):
+                    pids.append(int(cmdline.parent.name))
+            except OSError:
+                pass
+        return pids
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self._binaries():
+                os.kill(pid, sig)
+            deadline = time.monotonic() + 30
+            while self._binaries() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
