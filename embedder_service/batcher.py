@@ -72,14 +72,35 @@ class Batcher(Generic[T]):
         """The vectors of `payload` (`count` items), once its batch has run."""
         self.admit(count)
         loop = asyncio.get_running_loop()
-        if self._worker is None:
+        if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name=f"batcher-{self.name}")
+            self._worker.add_done_callback(self._worker_ended)
         request = _Request(payload, count, None if timeout_s is None else loop.time() + timeout_s,
                            loop.create_future())
         self._queue.append(request)
         self._queued_items += count
         self._arrived.set()
-        return await request.future  # a cancelled caller cancels the future: it is skipped
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller went away: free its place now, not when the worker gets to it.
+            if request in self._queue:
+                self._queue.remove(request)
+                self._queued_items -= count
+            raise
+
+    def _worker_ended(self, worker: asyncio.Task) -> None:
+        """The worker only ends by a bug or at shutdown: fail whoever still
+        waits rather than leave them hanging; the next submit starts a new one."""
+        error = RuntimeError(f"{self.name} batcher stopped")
+        if not worker.cancelled() and worker.exception() is not None:
+            log.error("%s batcher failed", self.name, exc_info=worker.exception())
+            error = RuntimeError(f"{self.name} batcher failed: {worker.exception()}")
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(error)
+        self._queued_items = 0
 
     def _take(self) -> list[_Request[T]]:
         batch, items = [], 0
@@ -101,7 +122,7 @@ class Batcher(Generic[T]):
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin before Python 3.11
                 break
 
     async def _work(self) -> None:

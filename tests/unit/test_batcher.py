@@ -130,3 +130,25 @@ def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on():
     bad, good = run(main())
     assert all(isinstance(e, ValueError) for e in bad)
     assert good[0, 0] == 7
+
+
+def test_a_cancelled_caller_frees_its_queue_place_at_once():
+    gate = threading.Event()
+    model = EchoModel(gate=gate)
+
+    async def main():
+        batcher = make(model, max_batch=1, max_wait_s=0, max_queue=2)
+        busy = asyncio.create_task(batcher.submit([1], 1, None))  # taken by the worker, blocked
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(batcher.submit([2, 3], 2, None))
+        await asyncio.sleep(0.01)
+        assert batcher.queued_items == 2
+        waiting.cancel()
+        await asyncio.sleep(0.01)
+        assert batcher.queued_items == 0
+        again = asyncio.create_task(batcher.submit([4, 5], 2, None))  # fits again
+        gate.set()
+        return await busy, await again
+
+    busy, again = run(main())
+    assert again[:, 0].tolist() == [4, 5] and model.batches == [[1], [4, 5]]
