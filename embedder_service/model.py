@@ -87,6 +87,9 @@ class ClipEncoder:
         self.model = model.to(self.device, self.dtype).eval()
         self._lut = torch.from_numpy(self.preprocessor.lut).to(self.device)
         self.max_text_tokens = int(model.config.text_config.max_position_embeddings)
+        # No token spans more than a few dozen characters, so longer texts can
+        # be cut before tokenizing: a 1 MB text costs no more than a short one.
+        self.max_text_chars = 64 * self.max_text_tokens
         self.info = ModelInfo(name=name, dim=int(model.config.projection_dim),
                               device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                               fingerprint=fingerprint, max_text_tokens=self.max_text_tokens)
@@ -99,7 +102,8 @@ class ClipEncoder:
         """(len(texts), dim) vectors; texts past the context are truncated."""
         chunks = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(texts[start:start + self.batch_size], padding=True,
+            chunk = [text[:self.max_text_chars] for text in texts[start:start + self.batch_size]]
+            tokens = self.tokenizer(chunk, padding=True,
                                     truncation=True, max_length=self.max_text_tokens,
                                     return_tensors="pt").to(self.device)
             chunks.append(self._normalised(_features(self.model.get_text_features(

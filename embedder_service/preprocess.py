@@ -418,6 +418,14 @@ class Preprocessor:
             lut[c] = x.astype(np.float32)
         return lut
 
+    def resized_pixels(self, width: int, height: int) -> int:
+        """Pixels of the image after the resize step, before the crop: a
+        200000x1 image is tiny on disk but resizes to billions of pixels."""
+        if not self.do_resize:
+            return width * height
+        new_h, new_w = _resize_output_size(height, width, self.size)
+        return new_h * new_w
+
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """(height, width) of the pixel values for an RGB image of this size."""
         if self.do_center_crop:

@@ -70,6 +70,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Expired as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except Exception as exc:  # noqa: BLE001 - the model failed (e.g. out of memory)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"encoding failed: {type(exc).__name__}: {exc}")
 
     @staticmethod
     def _response(vectors: np.ndarray, errors: dict[int, str] | None = None) -> embedder_pb2.EncodeResponse:

@@ -33,9 +33,16 @@ def prepare(images: list[bytes]) -> list[np.ndarray | str]:
     out: list[np.ndarray | str] = []
     for data in images:
         try:
-            out.append(_preprocessor.crop(decode_image(data, _max_pixels)))
+            image = decode_image(data, _max_pixels)
+            resized = _preprocessor.resized_pixels(image.width, image.height)
+            if resized > _max_pixels:
+                raise ImageDecodeError(f"image is {image.width}x{image.height}: its aspect ratio "
+                                       f"is too extreme to resize ({resized} pixels)")
+            out.append(_preprocessor.crop(image))
         except ImageDecodeError as exc:
             out.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad image must not fail its neighbours
+            out.append(f"cannot preprocess image: {type(exc).__name__}: {exc}")
     return out
 
 

@@ -29,6 +29,9 @@ class EnvArgumentParser(argparse.ArgumentParser):
                 default = type(raw)
             except ValueError as exc:
                 self.error(f"environment variable {env}={raw!r} is invalid: {exc}")
+            if "choices" in kwargs and default not in kwargs["choices"]:
+                self.error(f"environment variable {env}={raw!r} is invalid: choose from "
+                           f"{', '.join(map(str, kwargs['choices']))}")
         self.add_argument(flag, default=default, type=type, help=f"{help} [env: {env}]", **kwargs)
 
 

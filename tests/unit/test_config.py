@@ -50,3 +50,10 @@ def test_help(module, twins):
     assert run.returncode == 0, run.stderr
     for twin in twins:
         assert twin in run.stdout
+
+
+def test_environment_value_outside_the_choices_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("EMBEDDER_DTYPE", "fp16")
+    with pytest.raises(SystemExit):
+        embedder_config([])
+    assert "EMBEDDER_DTYPE='fp16' is invalid: choose from auto, float32" in capsys.readouterr().err
