@@ -19,7 +19,8 @@ log = logging.getLogger("search_service")
 
 async def run(config: SearchConfig, store: MilvusStore) -> None:
     embedder = EmbedderClient(config.embedder, config.embedder_timeout_s, config.max_message_mb << 20)
-    servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch)
+    servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch,
+                                   config.max_message_mb << 20)
     startup_check = asyncio.create_task(servicer.check_default_collection())
     service_name = search_pb2.DESCRIPTOR.services_by_name["ImageSearch"].full_name
     try:

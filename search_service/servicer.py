@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_TOP_K = 1024
 MAX_DELETE_IDS = 16384
+MAX_METADATA_BYTES = 65536  # Milvus's limit for one JSON value
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _END = object()  # end of the ingest request stream
@@ -56,11 +58,12 @@ def _top_k(value: int) -> int:
 
 class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
     def __init__(self, store: MilvusStore, embedder: EmbedderClient, default_collection: str,
-                 ingest_batch: int) -> None:
+                 ingest_batch: int, max_message_bytes: int) -> None:
         self._store = store
         self._embedder = embedder
         self._default_collection = default_collection
         self._batch_size = ingest_batch
+        self._max_batch_bytes = max_message_bytes // 2
         self._milvus_thread = ThreadPoolExecutor(1, thread_name_prefix="milvus")
 
     async def _milvus(self, fn, *args):
@@ -145,9 +148,13 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
 
         async def read() -> None:
             index = 0
-            async for request in request_iterator:
-                await queue.put((index, request))
-                index += 1
+            try:
+                async for request in request_iterator:
+                    await queue.put((index, request))
+                    index += 1
+            except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message
+                await queue.put(InvalidArgument(f"request stream item {index}: {exc}"))
+                return
             await queue.put(_END)
 
         reader = asyncio.create_task(read())
@@ -168,12 +175,17 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             reader.cancel()
 
     async def _next_batch(self, queue: asyncio.Queue) -> tuple[list, bool]:
-        """Wait for one item, then take whatever else is already queued."""
-        batch = []
+        """Wait for one item, then take whatever else is already queued, up to
+        the batch size and half the message limit in image bytes (so one
+        embedder request never crosses it)."""
+        batch, size = [], 0
         item = await queue.get()
         while item is not _END:
+            if isinstance(item, ServiceError):  # the stream itself broke
+                raise item
             batch.append(item)
-            if len(batch) == self._batch_size or queue.empty():
+            size += len(item[1].image)
+            if len(batch) == self._batch_size or size >= self._max_batch_bytes or queue.empty():
                 return batch, False
             item = queue.get_nowait()
         return batch, True
@@ -223,4 +235,6 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
                     f"{collection!r}: use one stream per collection")
         if len(request.uri.encode()) > MAX_URI_LENGTH:
             return f"uri is longer than {MAX_URI_LENGTH} bytes"
+        if len(json.dumps(dict(request.metadata))) > MAX_METADATA_BYTES:
+            return f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON"
         return ""

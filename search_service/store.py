@@ -59,7 +59,7 @@ class MilvusStore:
             raise _milvus_error(f"connect to {uri}", exc) from exc
         # What is known of each collection, so each is checked once per process.
         self._loaded: set[str] = set()
-        self._matched: set[str] = set()  # built with the embedder's model
+        self._matched: set[tuple[str, ModelIdentity]] = set()  # (collection, model) that match
 
     def _call(self, action: str, fn, *args, **kwargs):
         try:
@@ -78,13 +78,13 @@ class MilvusStore:
                 if not (create and model):
                     raise CollectionNotFound(name)
                 self._create(name, model)
-                self._matched.add(name)
+                self._matched.add((name, model))
             # An existing collection starts out released after a Milvus restart.
             self._call(f"load collection {name!r}", self._client.load_collection, name)
             self._loaded.add(name)
-        if model is not None and name not in self._matched:
+        if model is not None and (name, model) not in self._matched:
             self._check_identity(name, model)
-            self._matched.add(name)
+            self._matched.add((name, model))
 
     def _create(self, name: str, model: ModelIdentity) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)

@@ -61,6 +61,7 @@ class EmbedderServicer:
         Errors:
         INVALID_ARGUMENT   no texts; a text that is empty or only whitespace;
         more texts than the server's --max-batch-items.
+        (A very long text is cut, not refused.)
         The message names every bad item ("texts[3]: ...").
         RESOURCE_EXHAUSTED the request is larger than --max-message-mb, or the
         queue in front of the model is full (--max-queue):
@@ -69,6 +70,8 @@ class EmbedderServicer:
         request that expires while queued never reaches
         the model.
         UNAVAILABLE        the server is starting or shutting down.
+        INTERNAL           the model failed (e.g. out of GPU memory); the
+        message says how.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,8 +88,10 @@ class EmbedderServicer:
         `Embedding.error` while its neighbours are encoded.
 
         Errors:
-        INVALID_ARGUMENT   no images; an empty or undecodable image (unless
-        allow_partial); more images than --max-batch-items.
+        INVALID_ARGUMENT   no images; an empty or undecodable image, or one
+        declaring more than --max-image-pixels, or too
+        elongated to resize (unless allow_partial); more
+        images than --max-batch-items.
         The message names every bad item ("images[2]: ...").
         RESOURCE_EXHAUSTED as for EncodeText.
         DEADLINE_EXCEEDED  as for EncodeText.

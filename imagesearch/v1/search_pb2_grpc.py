@@ -79,7 +79,11 @@ class ImageSearchServicer:
         FAILED_PRECONDITION the collection was built with another model or
         dimension than the embedder now serves.
         UNAVAILABLE         the embedder or Milvus cannot be reached.
+        RESOURCE_EXHAUSTED  the embedder's queue is full: back off and retry.
         DEADLINE_EXCEEDED   the caller's deadline passed.
+        INTERNAL            the embedder failed in another way (the message
+        says how).
+        Items acknowledged before a stream error stay stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,7 +98,9 @@ class ImageSearchServicer:
         NOT_FOUND           the collection does not exist.
         FAILED_PRECONDITION the collection was built with another model.
         UNAVAILABLE         the embedder or Milvus cannot be reached.
+        RESOURCE_EXHAUSTED  the embedder's queue is full: back off and retry.
         DEADLINE_EXCEEDED   the caller's deadline passed.
+        INTERNAL            the embedder failed in another way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +120,8 @@ class ImageSearchServicer:
         """Remove images by id. Ids that are not there are reported, not an error.
 
         Errors:
-        INVALID_ARGUMENT    no ids; an empty id; bad collection name.
+        INVALID_ARGUMENT    no ids; more than 16384 ids; an id that is not 64
+        lowercase hex characters; bad collection name.
         NOT_FOUND           the collection does not exist.
         UNAVAILABLE         Milvus cannot be reached.
         """
@@ -128,6 +135,7 @@ class ImageSearchServicer:
         Errors:
         INVALID_ARGUMENT    bad collection name.
         NOT_FOUND           the collection does not exist.
+        FAILED_PRECONDITION the collection was not created by this service.
         UNAVAILABLE         Milvus cannot be reached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

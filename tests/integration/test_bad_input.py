@@ -159,3 +159,29 @@ def test_ingest_into_invalid_collection_name(search_stub):
     error = status_of(lambda: list(search_stub.Ingest(iter(
         [search_pb2.IngestRequest(image=photo(), collection="1bad")]))))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_extreme_aspect_ratio_is_refused_not_resized(embedder_stub):
+    """A 200000x1 PNG is a few hundred bytes but would resize to billions of pixels."""
+    out = io.BytesIO()
+    Image.new("L", (200_000, 1)).save(out, format="PNG")
+    error = status_of(embedder_stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=[out.getvalue()]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0]: image is 200000x1: its aspect ratio is too extreme" in error.details()
+
+
+def test_a_megabyte_of_text_is_truncated_not_refused(embedder):
+    vectors = embedder.encode_texts(["a photo of a red circle " * 45_000, "a photo of a red circle"])
+    assert vectors.shape[0] == 2
+
+
+def test_undecodable_ingest_message_fails_the_stream_without_hanging(search_service):
+    """A message whose uri is not UTF-8 cannot be parsed: INVALID_ARGUMENT, at once."""
+    bad = b"\x0a\x03abc" + b"\x12\x02\xff\xfe"  # image=b"abc", uri=<invalid UTF-8>
+    with grpc.insecure_channel(search_service.address) as channel:
+        ingest = channel.stream_stream("/imagesearch.v1.ImageSearch/Ingest",
+                                       request_serializer=lambda raw: raw,
+                                       response_deserializer=search_pb2.IngestResult.FromString)
+        error = status_of(lambda: list(ingest(iter([bad]), timeout=20)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "request stream item 0" in error.details()
