@@ -1,11 +1,10 @@
 """Embedder configuration: flags with EMBEDDER_* environment twins, parsed once."""
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass
 
-from imagesearch.flags import EnvArgumentParser, positive_float, positive_int
+from imagesearch.flags import EnvArgumentParser, positive_int
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
@@ -47,8 +46,7 @@ def build_parser() -> EnvArgumentParser:
                help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.env_flag("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                help="weights dtype: auto is float16 on CUDA and float32 on CPU")
-    p.env_flag("--host", default="0.0.0.0", help="address to listen on")
-    p.env_flag("--port", default=50051, type=int, help="port to listen on")
+    p.server_flags(port=50051)
     p.env_flag("--max-batch-items", default=512, type=positive_int,
                help="most texts or images accepted in one request (more: INVALID_ARGUMENT)")
     p.env_flag("--batch-size", default=64, type=positive_int,
@@ -73,11 +71,6 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--max-image-pixels", default=50_000_000, type=positive_int,
                help="images declaring more pixels are refused before decoding "
                     "(decompression-bomb guard)")
-    p.env_flag("--max-message-mb", default=64, type=positive_int,
-               help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
-    p.env_flag("--grace-s", default=10.0, type=positive_float,
-               help="on SIGTERM, seconds in-flight calls get to finish")
-    p.env_flag("--log-level", default="info", help="debug, info, warning or error")
     return p
 
 

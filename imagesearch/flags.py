@@ -35,6 +35,17 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.add_argument(flag, default=default, type=type, help=f"{help} [env: {env}]", **kwargs)
 
 
+    def server_flags(self, port: int) -> None:
+        """The flags every gRPC server of ours has."""
+        self.env_flag("--host", default="0.0.0.0", help="address to listen on")
+        self.env_flag("--port", default=port, type=int, help="port to listen on")
+        self.env_flag("--max-message-mb", default=64, type=positive_int,
+                      help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
+        self.env_flag("--grace-s", default=10.0, type=positive_float,
+                      help="on SIGTERM, seconds in-flight calls get to finish")
+        self.env_flag("--log-level", default="info", help="debug, info, warning or error")
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:

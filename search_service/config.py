@@ -42,8 +42,7 @@ def build_parser() -> EnvArgumentParser:
                     "the embedder service; rows live in Milvus (an embedded Milvus Lite file "
                     "by default, or a server with --milvus-uri). A Milvus token is read from "
                     "SEARCH_MILVUS_TOKEN only.")
-    p.env_flag("--host", default="0.0.0.0", help="address to listen on")
-    p.env_flag("--port", default=50052, type=int, help="port to listen on")
+    p.server_flags(port=50052)
     p.env_flag("--embedder", default="localhost:50051", help="embedder service address HOST:PORT")
     p.env_flag("--embedder-timeout-s", default=30.0, type=positive_float,
                help="longest wait for one embedder call; a shorter caller deadline wins")
@@ -54,11 +53,6 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--collection", default="images", help="collection used when a request names none")
     p.env_flag("--ingest-batch", default=32, type=positive_int,
                help="most ingest items embedded and written together")
-    p.env_flag("--max-message-mb", default=64, type=positive_int,
-               help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
-    p.env_flag("--grace-s", default=10.0, type=positive_float,
-               help="on SIGTERM, seconds in-flight calls get to finish")
-    p.env_flag("--log-level", default="info", help="debug, info, warning or error")
     return p
 
 

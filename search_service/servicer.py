@@ -15,7 +15,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
-import grpc
 
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service.embedder_client import EmbedderClient

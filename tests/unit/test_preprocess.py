@@ -20,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
-import warnings
 import zlib
 from pathlib import Path
 
