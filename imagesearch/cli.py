@@ -27,11 +27,20 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _items(paths: list[Path]) -> Iterator[IngestItem]:
-    # Read lazily: the stream holds a few images in memory, never the folder.
+def _items(paths: list[Path], max_bytes: int, unsent: list[tuple[str, str]]) -> Iterator[IngestItem]:
+    """Read lazily: the stream holds a few images in memory, never the folder.
+    A file that cannot be sent is recorded in `unsent` and skipped alone."""
     for path in paths:
-        yield IngestItem(image=path.read_bytes(), uri=str(path.resolve()),
-                         metadata={"label": path.parent.name})
+        uri = str(path.resolve())
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            unsent.append((uri, f"cannot read: {exc.strerror or exc}"))
+            continue
+        if len(data) > max_bytes:
+            unsent.append((uri, f"{len(data)} bytes, above the {max_bytes}-byte message limit"))
+            continue
+        yield IngestItem(image=data, uri=uri, metadata={"label": path.parent.name})
 
 
 def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
@@ -44,17 +53,20 @@ def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
         print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}", file=sys.stderr)
         return 2
     counts: Counter = Counter()
-    failures = []
+    unsent: list[tuple[str, str]] = []  # (uri, why) of files never sent
+    failures: list[tuple[str, str]] = []  # (uri, why) of items the server refused
+    items = _items(paths, client.max_message_bytes - 64 * 1024, unsent)  # room for uri, metadata
     with tqdm(total=len(paths), unit="img", desc="ingest", disable=args.quiet) as bar:
-        for result in client.ingest(_items(paths), collection=args.collection):
+        for result in client.ingest(items, collection=args.collection):
             counts[result.status] += 1
             if result.status == IngestResult.FAILED:
-                failures.append(result)
-            bar.update(1)
+                failures.append((result.uri, result.error))
+            bar.update(sum(counts.values()) + len(unsent) - bar.n)
+    failures = unsent + failures
     print(f"{len(paths)} images: {counts[IngestResult.INSERTED]} inserted, "
           f"{counts[IngestResult.ALREADY_PRESENT]} already present, {len(failures)} failed")
-    for failure in failures:
-        print(f"  failed: {failure.uri}: {failure.error}")
+    for uri, why in failures:
+        print(f"  failed: {uri}: {why}")
     return 1 if failures else 0
 
 

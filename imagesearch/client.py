@@ -43,6 +43,7 @@ class _Client:
     def __init__(self, server: str, timeout_s: float, max_message_mb: int) -> None:
         self.server = server
         self.timeout_s = timeout_s
+        self.max_message_bytes = max_message_mb << 20
         self._channel = grpc.insecure_channel(server, options=channel_options(max_message_mb << 20))
 
     def close(self) -> None:

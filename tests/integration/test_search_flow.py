@@ -106,3 +106,18 @@ def test_cli_stats_and_delete(search_service, ingested):
     assert run.returncode == 0 and f"collection images: {total} images" in run.stdout, run.stdout
     run = imgsearch(search_service.address, "delete", "f" * 64)
     assert run.returncode == 0 and "deleted 0" in run.stdout and "not found: " + "f" * 64 in run.stdout
+
+
+def test_cli_ingest_reports_a_file_it_cannot_send_alone(search_service, eval_images, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = find_images(eval_images)[:2]
+    for path in good:
+        (folder / path.name.replace(".JPEG", f"-{path.parent.name}.jpg")).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "huge.png").write_bytes(bytes(65 << 20))  # over the 64 MiB message limit
+    run = imgsearch(search_service.address, "--collection", "cli_mixed", "ingest", str(folder), "--quiet")
+    assert run.returncode == 1
+    assert "4 images: 2 inserted, 0 already present, 2 failed" in run.stdout, run.stdout
+    assert "huge.png: 68157440 bytes, above the 67043328-byte message limit" in run.stdout
+    assert "broken.jpg: not a recognised image format" in run.stdout
