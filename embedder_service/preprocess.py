@@ -294,7 +294,8 @@ def _resize_output_size(height: int, width: int, size: Mapping[str, int]) -> tup
 class Preprocessor:
     """CLIP image preprocessing with the checkpoint's settings, no torch.
 
-    `pre(image)` -> float32 (3, H, W); `pre.batch(images)` -> (N, 3, H, W).
+    `pre(image)` -> float32 (3, H, W); `pre.crop(image)` -> the uint8 (H, W, 3)
+    crop that `lut` maps to the same values.
     Identical output to the slow (PIL) `CLIPImageProcessor` with the same
     settings. `crop_size` is the (height, width) of the output when
     `do_center_crop` is on.
@@ -426,14 +427,6 @@ class Preprocessor:
         new_h, new_w = _resize_output_size(height, width, self.size)
         return new_h * new_w
 
-    def output_size(self, width: int, height: int) -> tuple[int, int]:
-        """(height, width) of the pixel values for an RGB image of this size."""
-        if self.do_center_crop:
-            return self.crop_size
-        if self.do_resize:
-            return _resize_output_size(height, width, self.size)
-        return height, width
-
     def crop(self, image: Image.Image) -> np.ndarray:
         """Resized and cropped (H, W, 3) uint8: the pixels before rescale and
         normalise, which `lut[c][value]` maps to the model's input."""
@@ -460,20 +453,3 @@ class Preprocessor:
         hwc = self.crop(image)
         out = np.empty((3, hwc.shape[0], hwc.shape[1]), dtype=np.float32)
         return self._apply_lut(hwc, out)
-
-    def batch(self, images: Iterable[Image.Image]) -> np.ndarray:
-        """float32 (N, 3, H, W); all images must give the same output size
-        (always true with do_center_crop)."""
-        prepared = [self.crop(image) for image in images]
-        if not prepared:
-            h, w = self.crop_size if self.do_center_crop else (0, 0)
-            return np.empty((0, 3, h, w), dtype=np.float32)
-        shapes = {p.shape for p in prepared}
-        if len(shapes) != 1:
-            raise ValueError(f"images give different output sizes {sorted(shapes)}; "
-                             "enable do_center_crop to batch them")
-        h, w, _ = prepared[0].shape
-        out = np.empty((len(prepared), 3, h, w), dtype=np.float32)
-        for i, hwc in enumerate(prepared):
-            self._apply_lut(hwc, out[i])
-        return out

@@ -378,15 +378,23 @@ def test_from_pretrained_missing_config_is_oserror(tmp_path):
         Preprocessor.from_pretrained(tmp_path)
 
 
-def test_batch_matches_processor_batch():
+def test_stacked_images_match_processor_batch():
     reference, pre = _processors("clip224")
     images = [decode_image(photo_bytes(n)) for n in PHOTO_NAMES]
-    ours = pre.batch(images)
+    ours = np.stack([pre(im) for im in images])
     assert ours.shape == (len(images), 3, 224, 224) and ours.dtype == np.float32
-    assert np.array_equal(ours, np.stack([pre(im) for im in images]))
     expected = np.asarray(reference(images=images, return_tensors="np")["pixel_values"])
     assert np.abs(ours - expected).max() <= PARITY_ATOL
-    assert pre.batch([]).shape == (0, 3, 224, 224)
+
+
+def test_crop_through_lut_is_the_pixel_values():
+    """The service ships uint8 crops and applies `lut` on the device: same values."""
+    _, pre = _processors("clip224")
+    for name in PHOTO_NAMES:
+        image = decode_image(photo_bytes(name))
+        crop = pre.crop(image)
+        via_lut = np.stack([pre.lut[c][crop[:, :, c]] for c in range(3)])
+        assert crop.dtype == np.uint8 and np.array_equal(via_lut, pre(image))
 
 
 def test_preprocessor_does_not_modify_its_input():
