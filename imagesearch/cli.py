@@ -83,10 +83,19 @@ def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
     if (args.query is None) == (args.image is None):
         print("error: give either a text query or --image PATH", file=sys.stderr)
         return 2
+    where: dict[str, list[str]] = {}
+    for pair in args.filter:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            print(f"error: --filter {pair!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        where.setdefault(key, []).append(value)
+    options = dict(where=where, uri_prefix=args.uri_prefix, offset=args.offset,
+                   min_score=args.min_score)
     if args.image is not None:
-        hits = client.search_image(Path(args.image).read_bytes(), args.k, args.collection)
+        hits = client.search_image(Path(args.image).read_bytes(), args.k, args.collection, **options)
     else:
-        hits = client.search_text(args.query, args.k, args.collection)
+        hits = client.search_text(args.query, args.k, args.collection, **options)
     _print_hits(hits, args.json)
     if args.grid and hits:
         out = write_grid([h.uri for h in hits], args.grid)
@@ -141,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("query", nargs="?", help='text to search for, e.g. "a white dog"')
     search.add_argument("--image", help="search by this image file instead of a text")
     search.add_argument("-k", type=int, default=10, help="number of hits (default %(default)s)")
+    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                        help="only images whose metadata KEY equals VALUE; repeat a key to "
+                             "accept any of several values, repeat keys to require all "
+                             "(ingest sets label=FOLDER NAME)")
+    search.add_argument("--uri-prefix", default="", metavar="PREFIX",
+                        help="only images whose uri (ingest: absolute path) starts with PREFIX")
+    search.add_argument("--offset", type=int, default=0,
+                        help="skip this many hits first, for paging (default %(default)s)")
+    search.add_argument("--min-score", type=float, metavar="S",
+                        help="drop hits with a cosine score below S, in [-1, 1]")
     search.add_argument("--json", action="store_true",
                         help="print a JSON array of {id, score, uri, metadata}, best first")
     search.add_argument("--grid", metavar="PNG",

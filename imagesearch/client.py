@@ -10,7 +10,7 @@ Failures raise `grpc.RpcError`; `.code()` and `.details()` say what and why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -37,6 +37,23 @@ class IngestItem:
     image: bytes
     uri: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+
+
+def search_options(where: Mapping[str, str | Iterable[str]] | None = None, uri_prefix: str = "",
+                   offset: int = 0, min_score: float | None = None) -> dict:
+    """Request fields for the filter and paging options of a search.
+
+    where: metadata key -> value, or several values (any of them matches);
+        all keys must match. uri_prefix: only uris that start with it.
+    offset: hits to skip (paging). min_score: drop hits scoring below it.
+    """
+    metadata = {key: search_pb2.AnyOf(values=[values] if isinstance(values, str) else list(values))
+                for key, values in (where or {}).items()}
+    fields: dict = {"filter": search_pb2.Filter(metadata=metadata, uri_prefix=uri_prefix),
+                    "offset": offset}
+    if min_score is not None:
+        fields["min_score"] = min_score
+    return fields
 
 
 class _Client:
@@ -77,12 +94,18 @@ class SearchClient(_Client):
         return [Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
                 for h in response.hits]
 
-    def search_text(self, query: str, top_k: int = 10, collection: str = "") -> list[Hit]:
-        request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection)
+    def search_text(self, query: str, top_k: int = 10, collection: str = "",
+                    **options) -> list[Hit]:
+        """`options`: see `search_options`."""
+        request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection,
+                                                 **search_options(**options))
         return self._hits(self._stub.SearchByText(request, timeout=self.timeout_s))
 
-    def search_image(self, image: bytes, top_k: int = 10, collection: str = "") -> list[Hit]:
-        request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection)
+    def search_image(self, image: bytes, top_k: int = 10, collection: str = "",
+                     **options) -> list[Hit]:
+        """`options`: see `search_options`."""
+        request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection,
+                                                  **search_options(**options))
         return self._hits(self._stub.SearchByImage(request, timeout=self.timeout_s))
 
     def delete(self, ids: list[str], collection: str = "") -> search_pb2.DeleteResponse:

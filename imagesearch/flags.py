@@ -46,11 +46,18 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.env_flag("--log-level", default="info", help="debug, info, warning or error")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value}")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An int parser that refuses values below `minimum`."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = "int"  # argparse names the type in its error messages
+    return parse
+
+
+positive_int = at_least(1)
 
 
 def positive_float(text: str) -> float:

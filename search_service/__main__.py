@@ -12,7 +12,7 @@ from search_service.config import SearchConfig, parse_config
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import ServiceError
 from search_service.servicer import ImageSearchServicer
-from search_service.store import MilvusStore
+from search_service.store import HnswParams, MilvusStore, is_lite
 
 log = logging.getLogger("search_service")
 
@@ -38,12 +38,17 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(config.log_level)
     if not config.milvus_uri:
         os.makedirs(config.data_dir, exist_ok=True)
+    store = MilvusStore(config.milvus_target, config.milvus_token,
+                        timeout_s=config.milvus_timeout_s, max_write_bytes=config.milvus_write_kb << 10,
+                        hnsw=HnswParams(config.hnsw_m, config.hnsw_ef_construction, config.hnsw_ef))
     try:
-        store = MilvusStore(config.milvus_target, config.milvus_token)
+        store.connect()
     except ServiceError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
-    log.info("Milvus: %s", config.milvus_target)
+        if is_lite(store.uri):  # a local file that cannot be opened will not heal by itself
+            log.error("%s", exc)
+            sys.exit(2)
+        log.warning("%s; serving anyway and reconnecting on each call", exc)
+    log.info("Milvus: %s", store.uri)
     try:
         asyncio.run(run(config, store))
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from imagesearch.flags import EnvArgumentParser, positive_float, positive_int
+from imagesearch.flags import EnvArgumentParser, at_least, positive_float, positive_int
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,11 @@ class SearchConfig:
     data_dir: str
     collection: str
     ingest_batch: int
+    milvus_timeout_s: float
+    milvus_write_kb: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    hnsw_ef: int
     max_message_mb: int
     grace_s: float
     log_level: str
@@ -53,6 +58,19 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--collection", default="images", help="collection used when a request names none")
     p.env_flag("--ingest-batch", default=32, type=positive_int,
                help="most ingest items embedded and written together")
+    p.env_flag("--milvus-timeout-s", default=10.0, type=positive_float,
+               help="longest wait for one Milvus call; then UNAVAILABLE")
+    p.env_flag("--milvus-write-kb", default=16384, type=at_least(128),
+               help="largest Milvus write request, in KiB; keep it under the server's gRPC "
+                    "limit (64 MiB by default). A row is at most about 90 KiB")
+    p.env_flag("--hnsw-m", default=16, type=positive_int,
+               help="HNSW graph degree M, for collections created on a Milvus server (Milvus "
+                    "Lite searches exactly and ignores the HNSW flags)")
+    p.env_flag("--hnsw-ef-construction", default=200, type=positive_int,
+               help="HNSW efConstruction, for collections created on a Milvus server")
+    p.env_flag("--hnsw-ef", default=64, type=positive_int,
+               help="HNSW search ef on a Milvus server (raised to top_k + offset when lower): "
+                    "higher is more accurate and slower")
     return p
 
 

@@ -1,8 +1,8 @@
 """The imagesearch.v1.ImageSearch gRPC servicer.
 
 Requests are validated here; vectors come from the embedder client and rows
-from the store. Milvus calls are blocking, so they run on one dedicated
-thread and never stall the event loop.
+from the store. Milvus calls are blocking, so they run on a small pool of
+threads and never stall the event loop.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from typing import AsyncIterator
 
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service.embedder_client import EmbedderClient
+from search_service import filters
 from search_service.errors import DependencyUnavailable, InvalidArgument, ServiceError
-from search_service.store import MAX_URI_LENGTH, MilvusStore, Row
+from search_service.store import MAX_RESULT_WINDOW, MAX_URI_LENGTH, MilvusStore, Row
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ MAX_METADATA_BYTES = 65536  # Milvus's limit for one JSON value
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _END = object()  # end of the ingest request stream
+_MILVUS_THREADS = 8  # concurrent Milvus calls; a slow one does not hold up the rest
 
 Result = search_pb2.IngestResult
 
@@ -55,6 +57,23 @@ def _top_k(value: int) -> int:
     return value
 
 
+class _Query:
+    """The validated search options of a SearchByText or SearchByImage request."""
+
+    def __init__(self, request) -> None:
+        self.top_k = _top_k(request.top_k)
+        self.offset = request.offset
+        if self.offset < 0:
+            raise InvalidArgument(f"offset must be 0 or more, got {self.offset}")
+        if self.top_k + self.offset > MAX_RESULT_WINDOW:
+            raise InvalidArgument(f"top_k + offset must be at most {MAX_RESULT_WINDOW}, got "
+                                  f"{self.top_k + self.offset}")
+        self.min_score = request.min_score if request.HasField("min_score") else None
+        if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:  # NaN fails too
+            raise InvalidArgument(f"min_score must be between -1 and 1, got {self.min_score}")
+        self.expr = filters.build(request.filter)
+
+
 class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
     def __init__(self, store: MilvusStore, embedder: EmbedderClient, default_collection: str,
                  ingest_batch: int, max_message_bytes: int) -> None:
@@ -63,7 +82,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
         self._default_collection = default_collection
         self._batch_size = ingest_batch
         self._max_batch_bytes = max_message_bytes // 2
-        self._milvus_thread = ThreadPoolExecutor(1, thread_name_prefix="milvus")
+        self._milvus_thread = ThreadPoolExecutor(_MILVUS_THREADS, thread_name_prefix="milvus")
 
     async def _milvus(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._milvus_thread, fn, *args)
@@ -92,29 +111,32 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
         await self._milvus(self._store.open, name, model, create or name == self._default_collection)
         return name
 
-    async def _search(self, vector, top_k: int, collection: str) -> search_pb2.SearchResponse:
-        hits = await self._milvus(self._store.search, collection, vector.tolist(), top_k)
+    async def _search(self, vector, query: _Query, collection: str) -> search_pb2.SearchResponse:
+        hits = await self._milvus(self._store.search, collection, vector.tolist(), query.top_k,
+                                  query.offset, query.expr)
+        if query.min_score is not None:  # hits come best first
+            hits = [hit for hit in hits if hit["score"] >= query.min_score]
         return search_pb2.SearchResponse(hits=[search_pb2.Hit(**hit) for hit in hits])
 
     @_answers_errors
     async def SearchByText(self, request, context):
         if not request.query.strip():
             raise InvalidArgument("query is empty: give the text to search for")
-        top_k = _top_k(request.top_k)
+        query = _Query(request)
         collection = await self._open(request.collection, context)
         vector = await self._embedder.encode_text(request.query, context)
-        return await self._search(vector, top_k, collection)
+        return await self._search(vector, query, collection)
 
     @_answers_errors
     async def SearchByImage(self, request, context):
         if not request.image:
             raise InvalidArgument("image is empty: send the bytes of an image file")
-        top_k = _top_k(request.top_k)
+        query = _Query(request)
         collection = await self._open(request.collection, context)
         [vector] = await self._embedder.encode_images([request.image], context)
         if isinstance(vector, str):
             raise InvalidArgument(f"image: {vector}")
-        return await self._search(vector, top_k, collection)
+        return await self._search(vector, query, collection)
 
     @_answers_errors
     async def Delete(self, request, context):

@@ -4,10 +4,12 @@ uses the search service runs twice: on an embedded Milvus Lite file, and on
 a real Milvus standalone server that the session starts itself."""
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from imagesearch.client import EmbedderClient, SearchClient
-from tests.services import MilvusServer, start_embedder, start_search
+from imagesearch.v1 import search_pb2_grpc
+from tests.services import MilvusServer, imgsearch, start_embedder, start_search
 
 EVAL_SEED = 7  # never used for training (tools/train_test_model.py)
 EVAL_PER_LABEL = 10
@@ -51,9 +53,23 @@ def search(search_service):
 
 
 @pytest.fixture(scope="session")
+def search_stub(search_service):
+    with grpc.insecure_channel(search_service.address) as channel:
+        yield search_pb2_grpc.ImageSearchStub(channel)
+
+
+@pytest.fixture(scope="session")
 def eval_images(tmp_path_factory):
     """A fresh synthetic set, generated with a seed the model never saw."""
     from imagesearch.synthetic import generate
     root = tmp_path_factory.mktemp("eval-images")
     generate(root, seed=EVAL_SEED, per_label=EVAL_PER_LABEL)
     return root
+
+
+@pytest.fixture(scope="session")
+def ingested(search_service, eval_images):
+    """The eval set ingested through the CLI into the default collection."""
+    run = imgsearch(search_service.address, "ingest", str(eval_images), "--quiet")
+    assert run.returncode == 0, run.stderr + run.stdout
+    return run

@@ -1,6 +1,7 @@
 """Start the services as real processes on free loopback ports, for tests."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -8,6 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
 
 from imagesearch.health import wait_serving
 
@@ -57,6 +63,27 @@ class Service:
         return self.process.returncode
 
 
+def photo(seed: int = 0) -> bytes:
+    """A small random JPEG, different for each seed."""
+    pixels = np.random.default_rng(seed).integers(0, 255, (80, 120, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def status_of(call, *args) -> grpc.RpcError:
+    """The error a call that must fail raises."""
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args)
+    return info.value
+
+
+def imgsearch(server: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the `imgsearch` CLI against `server`."""
+    return subprocess.run([sys.executable, "-m", "imagesearch.cli", "--server", server, *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
 def start_embedder(tmp: Path, *args: str, port: int | None = None) -> Service:
     return Service("embedder_service", ["--model", str(TEST_MODEL), "--preprocess-workers", "2",
                                         "--torch-threads", "1", *args],
@@ -83,6 +110,31 @@ class MilvusServer:
             self.process = subprocess.Popen(
                 [str(exe), "--data", str(data_dir), "--proxy-port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        """SIGKILL the server: no flush, no goodbye."""
+        for pid in self._binaries():
+            os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        while self._binaries():
+            time.sleep(0.1)
+
+    def restart(self) -> "MilvusServer":
+        """Start the binary again on the same data directory and port. The
+        `milvus-server` wrapper would move to another port while the old one
+        lingers in TIME_WAIT, so this runs the binary as the wrapper does,
+        with the configuration the wrapper wrote."""
+        binary = self.data_dir / "bin" / "milvus"
+        env = {**os.environ, "DEPLOY_MODE": "STANDALONE", "METRICS_PORT": str(free_port()),
+               "MILVUS_RUN_DIR": str(self.data_dir / "run"),
+               "LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen([str(binary), "run", "standalone"], cwd=self.data_dir,
+                                            env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        return self
 
     def wait_ready(self, timeout_s: float = 240) -> "MilvusServer":
         """Block until the server answers; fail loudly (never skip) if it does not."""

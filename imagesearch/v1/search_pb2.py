@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/search.proto\x12\x0eimagesearch.v1\"\xaf\x01\n\rIngestRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12=\n\x08metadata\x18\x03 \x03(\x0b\x32+.imagesearch.v1.IngestRequest.MetadataEntry\x12\x12\n\ncollection\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x0cIngestResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32#.imagesearch.v1.IngestResult.Status\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"O\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08INSERTED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"G\n\x13SearchByTextRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\"H\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\"\x93\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.imagesearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x0eSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.imagesearch.v1.Hit\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x03(\t\"%\n\x0fGetStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"a\n\x05Stats\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t2\x91\x03\n\x0bImageSearch\x12I\n\x06Ingest\x12\x1d.imagesearch.v1.IngestRequest\x1a\x1c.imagesearch.v1.IngestResult(\x01\x30\x01\x12S\n\x0cSearchByText\x12#.imagesearch.v1.SearchByTextRequest\x1a\x1e.imagesearch.v1.SearchResponse\x12U\n\rSearchByImage\x12$.imagesearch.v1.SearchByImageRequest\x1a\x1e.imagesearch.v1.SearchResponse\x12G\n\x06\x44\x65lete\x12\x1d.imagesearch.v1.DeleteRequest\x1a\x1e.imagesearch.v1.DeleteResponse\x12\x42\n\x08GetStats\x12\x1f.imagesearch.v1.GetStatsRequest\x1a\x15.imagesearch.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/search.proto\x12\x0eimagesearch.v1\"\xaf\x01\n\rIngestRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12=\n\x08metadata\x18\x03 \x03(\x0b\x32+.imagesearch.v1.IngestRequest.MetadataEntry\x12\x12\n\ncollection\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x0cIngestResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32#.imagesearch.v1.IngestResult.Status\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"O\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08INSERTED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\xa5\x01\n\x13SearchByTextRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\x12&\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x16.imagesearch.v1.Filter\x12\x0e\n\x06offset\x18\x05 \x01(\x05\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\xa6\x01\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\x12&\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x16.imagesearch.v1.Filter\x12\x0e\n\x06offset\x18\x05 \x01(\x05\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\x9c\x01\n\x06\x46ilter\x12\x36\n\x08metadata\x18\x01 \x03(\x0b\x32$.imagesearch.v1.Filter.MetadataEntry\x12\x12\n\nuri_prefix\x18\x02 \x01(\t\x1a\x46\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.imagesearch.v1.AnyOf:\x02\x38\x01\"\x17\n\x05\x41nyOf\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x93\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.imagesearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x0eSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.imagesearch.v1.Hit\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x03(\t\"%\n\x0fGetStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"a\n\x05Stats\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t2\x91\x03\n\x0bImageSearch\x12I\n\x06Ingest\x12\x1d.imagesearch.v1.IngestRequest\x1a\x1c.imagesearch.v1.IngestResult(\x01\x30\x01\x12S\n\x0cSearchByText\x12#.imagesearch.v1.SearchByTextRequest\x1a\x1e.imagesearch.v1.SearchResponse\x12U\n\rSearchByImage\x12$.imagesearch.v1.SearchByImageRequest\x1a\x1e.imagesearch.v1.SearchResponse\x12G\n\x06\x44\x65lete\x12\x1d.imagesearch.v1.DeleteRequest\x1a\x1e.imagesearch.v1.DeleteResponse\x12\x42\n\x08GetStats\x12\x1f.imagesearch.v1.GetStatsRequest\x1a\x15.imagesearch.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INGESTREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_INGESTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_FILTER_METADATAENTRY']._loaded_options = None
+  _globals['_FILTER_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_HIT_METADATAENTRY']._loaded_options = None
   _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_INGESTREQUEST']._serialized_start=48
@@ -43,24 +45,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTRESULT']._serialized_end=429
   _globals['_INGESTRESULT_STATUS']._serialized_start=350
   _globals['_INGESTRESULT_STATUS']._serialized_end=429
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=431
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=502
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=504
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=576
-  _globals['_HIT']._serialized_start=579
-  _globals['_HIT']._serialized_end=726
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=432
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=597
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=600
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=766
+  _globals['_FILTER']._serialized_start=769
+  _globals['_FILTER']._serialized_end=925
+  _globals['_FILTER_METADATAENTRY']._serialized_start=855
+  _globals['_FILTER_METADATAENTRY']._serialized_end=925
+  _globals['_ANYOF']._serialized_start=927
+  _globals['_ANYOF']._serialized_end=950
+  _globals['_HIT']._serialized_start=953
+  _globals['_HIT']._serialized_end=1100
   _globals['_HIT_METADATAENTRY']._serialized_start=176
   _globals['_HIT_METADATAENTRY']._serialized_end=223
-  _globals['_SEARCHRESPONSE']._serialized_start=728
-  _globals['_SEARCHRESPONSE']._serialized_end=779
-  _globals['_DELETEREQUEST']._serialized_start=781
-  _globals['_DELETEREQUEST']._serialized_end=829
-  _globals['_DELETERESPONSE']._serialized_start=831
-  _globals['_DELETERESPONSE']._serialized_end=881
-  _globals['_GETSTATSREQUEST']._serialized_start=883
-  _globals['_GETSTATSREQUEST']._serialized_end=920
-  _globals['_STATS']._serialized_start=922
-  _globals['_STATS']._serialized_end=1019
-  _globals['_IMAGESEARCH']._serialized_start=1022
-  _globals['_IMAGESEARCH']._serialized_end=1423
+  _globals['_SEARCHRESPONSE']._serialized_start=1102
+  _globals['_SEARCHRESPONSE']._serialized_end=1153
+  _globals['_DELETEREQUEST']._serialized_start=1155
+  _globals['_DELETEREQUEST']._serialized_end=1203
+  _globals['_DELETERESPONSE']._serialized_start=1205
+  _globals['_DELETERESPONSE']._serialized_end=1255
+  _globals['_GETSTATSREQUEST']._serialized_start=1257
+  _globals['_GETSTATSREQUEST']._serialized_end=1294
+  _globals['_STATS']._serialized_start=1296
+  _globals['_STATS']._serialized_end=1393
+  _globals['_IMAGESEARCH']._serialized_start=1396
+  _globals['_IMAGESEARCH']._serialized_end=1797
 # @@protoc_insertion_point(module_scope)

@@ -51,24 +51,57 @@ class IngestResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., uri: _Optional[str] = ..., status: _Optional[_Union[IngestResult.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SearchByTextRequest(_message.Message):
-    __slots__ = ("query", "top_k", "collection")
+    __slots__ = ("query", "top_k", "collection", "filter", "offset", "min_score")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     collection: str
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ...) -> None: ...
+    filter: Filter
+    offset: int
+    min_score: float
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., offset: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("image", "top_k", "collection")
+    __slots__ = ("image", "top_k", "collection", "filter", "offset", "min_score")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     collection: str
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ...) -> None: ...
+    filter: Filter
+    offset: int
+    min_score: float
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., offset: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("metadata", "uri_prefix")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: AnyOf
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[AnyOf, _Mapping]] = ...) -> None: ...
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    URI_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    metadata: _containers.MessageMap[str, AnyOf]
+    uri_prefix: str
+    def __init__(self, metadata: _Optional[_Mapping[str, AnyOf]] = ..., uri_prefix: _Optional[str] = ...) -> None: ...
+
+class AnyOf(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "uri", "metadata")

@@ -93,14 +93,17 @@ class ImageSearchServicer:
         """Nearest images to a text query.
 
         Errors:
-        INVALID_ARGUMENT    empty query; top_k not in 1..1024; bad
+        INVALID_ARGUMENT    empty query; top_k not in 1..1024; a negative
+        offset, or top_k + offset over 16384; min_score
+        outside [-1, 1]; a malformed filter; bad
         collection name.
         NOT_FOUND           the collection does not exist.
         FAILED_PRECONDITION the collection was built with another model.
-        UNAVAILABLE         the embedder or Milvus cannot be reached.
+        UNAVAILABLE         the embedder or Milvus cannot be reached (the
+        message names which); retry with backoff.
         RESOURCE_EXHAUSTED  the embedder's queue is full: back off and retry.
         DEADLINE_EXCEEDED   the caller's deadline passed.
-        INTERNAL            the embedder failed in another way.
+        INTERNAL            the embedder or Milvus failed in another way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

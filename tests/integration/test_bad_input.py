@@ -10,34 +10,16 @@ import pytest
 from PIL import Image
 
 from imagesearch.client import IngestItem, IngestResult
-from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2
+from tests.services import photo, status_of
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not really a jpeg"
-
-
-def photo(seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (80, 120, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG")
-    return out.getvalue()
-
-
-def status_of(call, *args) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args)
-    return info.value
 
 
 @pytest.fixture(scope="module")
 def embedder_stub(embedder_service):
     with grpc.insecure_channel(embedder_service.address) as channel:
         yield embedder_pb2_grpc.EmbedderStub(channel)
-
-
-@pytest.fixture(scope="module")
-def search_stub(search_service):
-    with grpc.insecure_channel(search_service.address) as channel:
-        yield search_pb2_grpc.ImageSearchStub(channel)
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@ Lite, the bundled test model, a freshly generated image set, the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,19 +12,7 @@ from imagesearch.cli import find_images
 from imagesearch.client import IngestItem, IngestResult
 from imagesearch.synthetic import LABELS, caption
 from tests.conftest import EVAL_PER_LABEL
-
-
-def imgsearch(server: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "imagesearch.cli", "--server", server, *args],
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def ingested(search_service, eval_images):
-    """The eval set ingested through the CLI into the default collection."""
-    run = imgsearch(search_service.address, "ingest", str(eval_images), "--quiet")
-    assert run.returncode == 0, run.stderr + run.stdout
-    return run
+from tests.services import imgsearch
 
 
 def test_ingest_summary(ingested):
