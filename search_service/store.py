@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import grpc
 from pymilvus import DataType, MilvusClient, MilvusException
-from pymilvus.exceptions import ParamError
+from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
 
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
                                    ServiceError)
@@ -45,6 +45,8 @@ MAX_RESULT_WINDOW = 16384  # Milvus's limit on top_k + offset
 _MODEL_PROP = "imagesearch.model"
 _FINGERPRINT_PROP = "imagesearch.fingerprint"
 _READ = {"consistency_level": "Strong"}
+# Raised by pymilvus before any call when a request is malformed.
+_REQUEST_ERRORS = (ParamError, DataNotMatchException, DataTypeNotMatchException)
 _ROW_OVERHEAD = 128  # bytes per row beyond its fields, in the insert request
 
 
@@ -121,19 +123,16 @@ class MilvusStore:
             return self._client
 
     def _error(self, action: str, exc: Exception) -> ServiceError:
-        """UNAVAILABLE for what a retry may fix (no connection, a timeout, a
-        server that says so); INTERNAL for the rest."""
+        """INTERNAL when Milvus refused the request itself (our bug: a retry
+        cannot help); UNAVAILABLE for the rest, which a retry may fix: no
+        connection, a timeout, a server still recovering after a restart."""
         # A collection may have been dropped, released or restored meanwhile.
         self._loaded.clear()
         self._matched.clear()
-        transient = isinstance(exc, grpc.RpcError) or (
-            isinstance(exc, MilvusException) and not isinstance(exc, ParamError)
-            and (exc.retriable or exc.code in (2, grpc.StatusCode.UNAVAILABLE,
-                                               grpc.StatusCode.DEADLINE_EXCEEDED)))
-        if transient:
-            return DependencyUnavailable(f"Milvus at {self.uri} is unavailable ({action}): "
-                                         f"{_message(exc)}; retry with backoff")
-        return ServiceError(f"Milvus failed to {action}: {_message(exc)}")
+        if isinstance(exc, _REQUEST_ERRORS) or getattr(exc, "is_input_error", False):
+            return ServiceError(f"Milvus refused to {action}: {_message(exc)}")
+        return DependencyUnavailable(f"Milvus at {self.uri} is unavailable ({action}): "
+                                     f"{_message(exc)}; retry with backoff")
 
     def _call(self, action: str, method: str, *args, **kwargs):
         client = self.connect()
@@ -208,8 +207,11 @@ class MilvusStore:
     def write(self, name: str, rows: list[Row]) -> None:
         """Upsert, not insert: two concurrent ingests of one image leave one row.
         Returns once every row is written; requests stay under the size limit."""
-        for part in chunks(rows, self._max_write_bytes):
+        parts = chunks(rows, self._max_write_bytes)
+        for part in parts:
             self._call(f"write to {name!r}", "upsert", name, [vars(row) for row in part])
+        if rows:
+            log.debug("wrote %d rows to %r in %d requests", len(rows), name, len(parts))
 
     def search(self, name: str, vector: list[float], top_k: int, offset: int = 0,
                expr: str = "") -> list[dict]:

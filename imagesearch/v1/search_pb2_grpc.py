@@ -78,11 +78,12 @@ class ImageSearchServicer:
         INVALID_ARGUMENT    bad collection name.
         FAILED_PRECONDITION the collection was built with another model or
         dimension than the embedder now serves.
-        UNAVAILABLE         the embedder or Milvus cannot be reached.
+        UNAVAILABLE         the embedder or Milvus cannot be reached (the
+        message names which); retry with backoff.
         RESOURCE_EXHAUSTED  the embedder's queue is full: back off and retry.
         DEADLINE_EXCEEDED   the caller's deadline passed.
-        INTERNAL            the embedder failed in another way (the message
-        says how).
+        INTERNAL            the embedder or Milvus failed in another way (the
+        message says how).
         Items acknowledged before a stream error stay stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -126,7 +127,8 @@ class ImageSearchServicer:
         INVALID_ARGUMENT    no ids; more than 16384 ids; an id that is not 64
         lowercase hex characters; bad collection name.
         NOT_FOUND           the collection does not exist.
-        UNAVAILABLE         Milvus cannot be reached.
+        UNAVAILABLE         Milvus cannot be reached; retry with backoff.
+        INTERNAL            Milvus refused the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,7 +141,8 @@ class ImageSearchServicer:
         INVALID_ARGUMENT    bad collection name.
         NOT_FOUND           the collection does not exist.
         FAILED_PRECONDITION the collection was not created by this service.
-        UNAVAILABLE         Milvus cannot be reached.
+        UNAVAILABLE         Milvus cannot be reached; retry with backoff.
+        INTERNAL            Milvus refused the request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
