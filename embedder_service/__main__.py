@@ -6,19 +6,24 @@ import logging
 import sys
 
 import torch
+from prometheus_client import Gauge
 
 from embedder_service.config import parse_config
 from embedder_service.model import ClipEncoder, ModelLoadError
 from embedder_service.servicer import EmbedderServicer
-from imagesearch.serving import serve, setup_logging
+from imagesearch import tracing
+from imagesearch.observability import setup_logging
+from imagesearch.serving import serve
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger("embedder_service")
+MODEL_LOAD = Gauge("embedder_model_load_seconds", "Seconds the model took to load at start-up")
 
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
+    tracing.setup("imagesearch-embedder")
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     try:
@@ -26,11 +31,11 @@ def main(argv: list[str] | None = None) -> None:
     except ModelLoadError as exc:
         log.error("%s", exc)
         sys.exit(2)
+    MODEL_LOAD.set(encoder.load_seconds)
     servicer = EmbedderServicer(encoder, config)
     service_name = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
     asyncio.run(serve(
-        name="embedder", address=config.address, grace_s=config.grace_s,
-        max_message_bytes=config.max_message_mb << 20, service_names=[service_name],
+        config, name="embedder", service_names=[service_name],
         register=lambda server: embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server),
         ready=servicer.warm_up))
 

@@ -17,8 +17,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
+from prometheus_client import Gauge, Histogram
 
 log = logging.getLogger(__name__)
+
+BATCH_SIZE = Histogram("embedder_batch_size", "Items per forward pass, by batcher (text, image)",
+                       ["batcher"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
+QUEUE_ITEMS = Gauge("embedder_queue_items", "Items waiting for the model, by batcher", ["batcher"])
 
 T = TypeVar("T")
 
@@ -56,6 +61,8 @@ class Batcher(Generic[T]):
         self._worker: asyncio.Task | None = None
         self.batches = 0  # forward passes run, for tests and benchmarks
         self.items = 0
+        QUEUE_ITEMS.labels(name).set_function(lambda: self._queued_items)
+        self._batch_sizes = BATCH_SIZE.labels(name)
 
     @property
     def queued_items(self) -> int:
@@ -150,6 +157,7 @@ class Batcher(Generic[T]):
                         request.future.set_exception(exc)
                 continue
             self.batches += 1
+            self._batch_sizes.observe(sum(r.count for r in live))
             start = 0
             for request in live:
                 self.items += request.count

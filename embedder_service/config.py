@@ -4,18 +4,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from imagesearch.flags import EnvArgumentParser, positive_int
+from imagesearch.flags import EnvArgumentParser, ServerConfig, positive_int
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
 
 @dataclass(frozen=True)
-class EmbedderConfig:
+class EmbedderConfig(ServerConfig):
     model: str
     device: str
     dtype: str
-    host: str
-    port: int
     max_batch_items: int
     batch_size: int
     batch_wait_ms: float
@@ -24,13 +22,6 @@ class EmbedderConfig:
     preprocess_mode: str
     torch_threads: int
     max_image_pixels: int
-    max_message_mb: int
-    grace_s: float
-    log_level: str
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
 
 def build_parser() -> EnvArgumentParser:
@@ -46,7 +37,7 @@ def build_parser() -> EnvArgumentParser:
                help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.env_flag("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                help="weights dtype: auto is float16 on CUDA and float32 on CPU")
-    p.server_flags(port=50051)
+    p.server_flags(port=50051, metrics_port=9101)
     p.env_flag("--max-batch-items", default=512, type=positive_int,
                help="most texts or images accepted in one request (more: INVALID_ARGUMENT)")
     p.env_flag("--batch-size", default=64, type=positive_int,

@@ -8,7 +8,25 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The settings `server_flags` defines, shared by both services' configs."""
+    host: str
+    port: int
+    metrics_port: int
+    reflection: bool
+    max_message_mb: int
+    grace_s: float
+    log_level: str
+    log_format: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
 
 class EnvArgumentParser(argparse.ArgumentParser):
@@ -35,15 +53,22 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.add_argument(flag, default=default, type=type, help=f"{help} [env: {env}]", **kwargs)
 
 
-    def server_flags(self, port: int) -> None:
+    def server_flags(self, port: int, metrics_port: int) -> None:
         """The flags every gRPC server of ours has."""
         self.env_flag("--host", default="0.0.0.0", help="address to listen on")
         self.env_flag("--port", default=port, type=int, help="port to listen on")
+        self.env_flag("--metrics-port", default=metrics_port, type=int,
+                      help="Prometheus metrics on http://HOST:PORT/metrics; 0 turns them off")
+        self.env_flag("--reflection", default=True, type=boolean,
+                      help="gRPC server reflection, so grpcurl and other generic tools can list "
+                           "and call the services (true or false)")
         self.env_flag("--max-message-mb", default=64, type=positive_int,
                       help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
         self.env_flag("--grace-s", default=10.0, type=positive_float,
                       help="on SIGTERM, seconds in-flight calls get to finish")
         self.env_flag("--log-level", default="info", help="debug, info, warning or error")
+        self.env_flag("--log-format", default="text", choices=["text", "json"],
+                      help="text lines, or one JSON object per line for log collectors")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -58,6 +83,15 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = at_least(1)
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
 
 
 def positive_float(text: str) -> float:

@@ -19,13 +19,15 @@ def status(address: str, timeout_s: float = 2.0, service: str = "") -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def wait_serving(address: str, timeout_s: float, alive: Callable[[], bool] = lambda: True) -> None:
-    """Block until SERVING; raise TimeoutError, or RuntimeError once `alive()` is false."""
+def wait_serving(address: str, timeout_s: float, alive: Callable[[], bool] = lambda: True,
+                 service: str = "") -> None:
+    """Block until `service` is SERVING; raise TimeoutError, or RuntimeError
+    once `alive()` is false."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError(f"the process serving {address} exited")
-        if status(address, timeout_s=1.0) == "SERVING":
+        if status(address, timeout_s=1.0, service=service) == "SERVING":
             return
         time.sleep(0.2)
     raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")

@@ -1,25 +1,39 @@
-"""What both gRPC servers share: health, limits, signal handling, shutdown.
+"""What both gRPC servers share: health, reflection, metrics, limits, shutdown.
 
-`serve` starts an asyncio gRPC server, reports SERVING through the standard
-grpc.health.v1 service once `ready` has run, and on SIGTERM or SIGINT turns
-health NOT_SERVING, refuses new calls and lets in-flight calls finish within
-the grace period before returning (the process then exits 0).
+`serve` starts an asyncio gRPC server with
+- grpc.health.v1: the service "liveness" is SERVING from the moment the port
+  opens until the process ends (a liveness probe); the overall status ""
+  and each API service go SERVING once `ready` has run, or follow `watch`
+  if one is given (a readiness probe);
+- server reflection, unless switched off;
+- the RpcInterceptor (request ids, per-RPC metrics) and a Prometheus
+  endpoint on its own port;
+and on SIGTERM or SIGINT turns health NOT_SERVING, refuses new calls and
+lets in-flight calls finish within the grace period before returning (the
+process then exits 0).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imagesearch.flags import ServerConfig
+from imagesearch.observability import RpcInterceptor, start_metrics
 
 log = logging.getLogger(__name__)
 
-OVERALL = ""  # the health service name that means "the whole server"
-
+OVERALL = ""  # the health service name that means "the whole server": readiness
+LIVENESS = "liveness"
+# Connections are closed (with GOAWAY, after in-flight calls) at this age, so
+# clients re-resolve DNS and spread onto replicas added since they connected.
+_MAX_CONNECTION_AGE_MS = 300_000
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """gRPC options shared by servers and clients: message size caps both ways."""
@@ -27,23 +41,41 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", max_message_bytes)]
 
 
-async def serve(*, name: str, address: str, max_message_bytes: int, grace_s: float,
-                register: Callable[[grpc.aio.Server], None], service_names: list[str],
-                ready: Callable[[], Awaitable[None]] | None = None) -> None:
+async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio.Server], None],
+                service_names: list[str], ready: Callable[[], Awaitable[None]] | None = None,
+                watch: Callable[[], AsyncIterator[bool]] | None = None) -> None:
     """Run a server until SIGTERM/SIGINT.
 
     `register` adds the servicers; `ready` (optional) runs after the port is
-    bound and before health says SERVING, e.g. a warm-up encode.
+    bound and before health says SERVING, e.g. a warm-up encode; `watch`
+    (optional) yields whether the server can serve now, e.g. whether its
+    dependencies answer, and health follows it.
     """
-    server = grpc.aio.server(options=channel_options(max_message_bytes))
+    start_metrics(config.metrics_port, config.host)
+    server = grpc.aio.server(
+        interceptors=[RpcInterceptor()],
+        options=channel_options(config.max_message_mb << 20) + [
+            ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))])
     register(server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    for service in [OVERALL, *service_names]:
-        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if server.add_insecure_port(address) == 0:
-        raise SystemExit(f"{name}: cannot listen on {address} (port in use or bad address)")
+    if config.reflection:
+        reflection.enable_server_reflection(
+            [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+
+    async def set_ready(serving: bool) -> None:
+        state = health_pb2.HealthCheckResponse.SERVING if serving else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in [OVERALL, *service_names]:
+            await health.set(service, state)
+
+    await set_ready(False)
+    if server.add_insecure_port(config.address) == 0:
+        raise SystemExit(f"{name}: cannot listen on {config.address} (port in use or bad address)")
     await server.start()
+    await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -52,18 +84,23 @@ async def serve(*, name: str, address: str, max_message_bytes: int, grace_s: flo
 
     if ready is not None:
         await ready()
-    for service in [OVERALL, *service_names]:
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("%s listening on %s", name, address)
+    log.info("%s listening on %s", name, config.address)
+    watcher = None
+    if watch is None:
+        await set_ready(True)
+    else:
+        watcher = asyncio.create_task(_follow(watch, set_ready))
 
     await stop.wait()
-    log.info("%s shutting down: finishing in-flight calls for up to %.1f s", name, grace_s)
+    if watcher:
+        watcher.cancel()
+    log.info("%s shutting down: finishing in-flight calls for up to %.1f s", name, config.grace_s)
     await health.enter_graceful_shutdown()
-    await server.stop(grace_s)
+    await server.stop(config.grace_s)
     log.info("%s stopped", name)
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # Milvus Lite's loader chatter
+async def _follow(watch: Callable[[], AsyncIterator[bool]],
+                  set_ready: Callable[[bool], Awaitable[None]]) -> None:
+    async for serving in watch():
+        await set_ready(serving)

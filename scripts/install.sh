@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-python3}
 # torch first and pinned: 2.13.0 is a CPU wheel here, while an unpinned torch
 # may pull a multi-GB CUDA build. constraints.txt pins everything else.
 .venv/bin/python -m pip install -q -c constraints.txt torch
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[embedder,search,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[embedder,search,tracing,dev]"

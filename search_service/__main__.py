@@ -6,11 +6,14 @@ import logging
 import os
 import sys
 
-from imagesearch.serving import serve, setup_logging
+from imagesearch import tracing
+from imagesearch.observability import setup_logging
+from imagesearch.serving import serve
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service.config import SearchConfig, parse_config
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import ServiceError
+from search_service.readiness import watch_dependencies
 from search_service.servicer import ImageSearchServicer
 from search_service.store import HnswParams, MilvusStore, is_lite
 
@@ -24,10 +27,10 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
     startup_check = asyncio.create_task(servicer.check_default_collection())
     service_name = search_pb2.DESCRIPTOR.services_by_name["ImageSearch"].full_name
     try:
-        await serve(name="search", address=config.address, grace_s=config.grace_s,
-                    max_message_bytes=config.max_message_mb << 20, service_names=[service_name],
+        await serve(config, name="search", service_names=[service_name],
                     register=lambda server: search_pb2_grpc.add_ImageSearchServicer_to_server(
-                        servicer, server))
+                        servicer, server),
+                    watch=lambda: watch_dependencies(servicer.dependency_problems))
     finally:
         startup_check.cancel()
         await embedder.close()
@@ -35,7 +38,8 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
+    tracing.setup("imagesearch-search")
     if not config.milvus_uri:
         os.makedirs(config.data_dir, exist_ok=True)
     store = MilvusStore(config.milvus_target, config.milvus_token,

@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from imagesearch.flags import EnvArgumentParser, at_least, positive_float, positive_int
+from imagesearch.flags import (EnvArgumentParser, ServerConfig, at_least, positive_float,
+                               positive_int)
 
 
 @dataclass(frozen=True)
-class SearchConfig:
-    host: str
-    port: int
+class SearchConfig(ServerConfig):
     embedder: str
     embedder_timeout_s: float
     milvus_uri: str
@@ -22,16 +21,9 @@ class SearchConfig:
     hnsw_m: int
     hnsw_ef_construction: int
     hnsw_ef: int
-    max_message_mb: int
-    grace_s: float
-    log_level: str
     # From the environment only, never a flag: a token on a command line is
     # visible to every user of the machine.
     milvus_token: str = field(default="", repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     @property
     def milvus_target(self) -> str:
@@ -47,7 +39,7 @@ def build_parser() -> EnvArgumentParser:
                     "the embedder service; rows live in Milvus (an embedded Milvus Lite file "
                     "by default, or a server with --milvus-uri). A Milvus token is read from "
                     "SEARCH_MILVUS_TOKEN only.")
-    p.server_flags(port=50052)
+    p.server_flags(port=50052, metrics_port=9102)
     p.env_flag("--embedder", default="localhost:50051", help="embedder service address HOST:PORT")
     p.env_flag("--embedder-timeout-s", default=30.0, type=positive_float,
                help="longest wait for one embedder call; a shorter caller deadline wins")

@@ -1,25 +1,46 @@
 """The search service's client of the embedder: deadlines and error mapping.
 
 Every call carries a timeout no longer than what is left of the caller's own
-deadline, so an embedder call never outlives the request it serves.
+deadline, so an embedder call never outlives the request it serves, and the
+caller's request id, so both services' logs tell one story.
+
+The target may name several embedders: a DNS name with many addresses
+(`dns:///embedder-headless:50051`, a Kubernetes headless Service) or a list
+(`ipv4:10.0.0.1:50051,10.0.0.2:50051`). Calls go round-robin over all of
+them, and a call that finds its embedder gone is retried on another.
 """
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from imagesearch import tracing
+from imagesearch.observability import outgoing_metadata
 from imagesearch.serving import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from search_service.errors import (DeadlineExceeded, DependencyUnavailable, InvalidArgument,
                                    Overloaded, ServiceError)
 from search_service.store import ModelIdentity
 
+_SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
 _MARGIN_S = 0.02  # left to the caller's side to write its answer
 # Calls fail fast (UNAVAILABLE) while the embedder is down; these keep the
 # channel's reconnect backoff short, so it recovers within a second of the
 # embedder coming back instead of gRPC's default of up to two minutes.
 _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
               ("grpc.max_reconnect_backoff_ms", 1000)]
+# Every embedder method is idempotent, so an UNAVAILABLE (the replica died
+# under the call) is retried, on another replica where there is one.
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": _SERVICE}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+_BALANCING = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 
 
 class EmbedderClient:
@@ -27,8 +48,9 @@ class EmbedderClient:
         self._target = target
         self._timeout_s = timeout_s
         self._channel = grpc.aio.insecure_channel(
-            target, options=channel_options(max_message_bytes) + _RECONNECT)
+            target, options=channel_options(max_message_bytes) + _RECONNECT + _BALANCING)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._model: ModelIdentity | None = None
 
     def _timeout(self, context: grpc.aio.ServicerContext | None) -> float:
@@ -52,35 +74,43 @@ class EmbedderClient:
             return Overloaded(f"embedder at {self._target}: {details}")
         return ServiceError(f"embedder at {self._target} failed: {code.name}: {details}")
 
+    async def _call(self, method: str, request, context: grpc.aio.ServicerContext | None):
+        with tracing.client_span(f"{_SERVICE}/{method}"):
+            try:
+                return await getattr(self._stub, method)(request, timeout=self._timeout(context),
+                                                         metadata=outgoing_metadata())
+            except grpc.aio.AioRpcError as exc:
+                raise self._error(exc) from exc
+
     async def model(self, context: grpc.aio.ServicerContext | None = None) -> ModelIdentity:
         """The embedder's model; asked once, and again after the embedder was unreachable."""
         if self._model is None:
-            try:
-                info = await self._stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(),
-                                                     timeout=self._timeout(context))
-            except grpc.aio.AioRpcError as exc:
-                raise self._error(exc) from exc
+            info = await self._call("GetModelInfo", embedder_pb2.GetModelInfoRequest(), context)
             self._model = ModelIdentity(name=info.name, fingerprint=info.fingerprint, dim=info.dim)
         return self._model
 
     async def encode_text(self, text: str, context: grpc.aio.ServicerContext) -> np.ndarray:
-        try:
-            response = await self._stub.EncodeText(embedder_pb2.EncodeTextRequest(texts=[text]),
-                                                   timeout=self._timeout(context))
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+        response = await self._call("EncodeText", embedder_pb2.EncodeTextRequest(texts=[text]),
+                                    context)
         return np.frombuffer(response.embeddings[0].vector, dtype="<f4")
 
     async def encode_images(self, images: list[bytes],
                             context: grpc.aio.ServicerContext) -> list[np.ndarray | str]:
         """One vector, or the reason the image could not be encoded, per image."""
-        try:
-            response = await self._stub.EncodeImage(
-                embedder_pb2.EncodeImageRequest(images=images, allow_partial=True),
-                timeout=self._timeout(context))
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+        response = await self._call(
+            "EncodeImage", embedder_pb2.EncodeImageRequest(images=images, allow_partial=True),
+            context)
         return [item.error or np.frombuffer(item.vector, dtype="<f4") for item in response.embeddings]
+
+    async def check(self, timeout_s: float) -> None:
+        """Raise DependencyUnavailable unless an embedder says it is SERVING."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise DependencyUnavailable(f"embedder at {self._target} is unavailable: "
+                                        f"{exc.code().name}: {exc.details()}") from exc
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            raise DependencyUnavailable(f"embedder at {self._target} is not serving")
 
     async def close(self) -> None:
         await self._channel.close()

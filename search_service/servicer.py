@@ -15,10 +15,11 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
+from prometheus_client import Counter
 
 from imagesearch.v1 import search_pb2, search_pb2_grpc
-from search_service.embedder_client import EmbedderClient
 from search_service import filters
+from search_service.embedder_client import EmbedderClient
 from search_service.errors import DependencyUnavailable, InvalidArgument, ServiceError
 from search_service.store import MAX_RESULT_WINDOW, MAX_URI_LENGTH, MilvusStore, Row
 
@@ -30,9 +31,12 @@ MAX_METADATA_BYTES = 65536  # Milvus's limit for one JSON value
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _END = object()  # end of the ingest request stream
+_PROBE_TIMEOUT_S = 2.0  # a dependency slower than this to answer a health check is down
 _MILVUS_THREADS = 8  # concurrent Milvus calls; a slow one does not hold up the rest
 
 Result = search_pb2.IngestResult
+INGESTED = Counter("search_images_ingested_total",
+                   "Ingest results, by status (inserted, already_present, failed)", ["status"])
 
 
 def image_id(data: bytes) -> str:
@@ -95,6 +99,16 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             log.warning("default collection %r not checked yet: %s", self._default_collection, exc)
         except ServiceError as exc:
             log.error("default collection %r: %s", self._default_collection, exc)
+
+    async def dependency_problems(self) -> list[str]:
+        """Why the service cannot serve now; empty when the embedder and Milvus answer."""
+        problems = []
+        for check in (self._embedder.check(_PROBE_TIMEOUT_S), self._milvus(self._store.ping)):
+            try:
+                await check
+            except ServiceError as exc:
+                problems.append(str(exc))
+        return problems
 
     def _collection(self, name: str) -> str:
         name = name or self._default_collection
@@ -246,6 +260,8 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             first = results[todo[id_][0]]
             status = Result.FAILED if first.status == Result.FAILED else Result.ALREADY_PRESENT
             results[index] = Result(index=index, id=id_, uri=uri, status=status, error=first.error)
+        for result in results.values():
+            INGESTED.labels(Result.Status.Name(result.status).lower()).inc()
         return [results[index] for index, _ in batch]
 
     def _item_error(self, request: search_pb2.IngestRequest, collection: str) -> str:

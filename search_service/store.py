@@ -26,16 +26,22 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
 from pymilvus import DataType, MilvusClient, MilvusException
+from prometheus_client import Histogram
 from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
 
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
                                    ServiceError)
 
 log = logging.getLogger(__name__)
+MILVUS_CALLS = Histogram("search_milvus_call_seconds",
+                         "Milvus call latency, by operation and outcome (ok, error)",
+                         ["operation", "outcome"],
+                         buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
 # pymilvus logs a traceback for every failed call; the service reports each
 # failure itself, once, with the status the caller gets.
 logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
@@ -136,10 +142,15 @@ class MilvusStore:
 
     def _call(self, action: str, method: str, *args, **kwargs):
         client = self.connect()
+        started, outcome = time.perf_counter(), "error"
         try:
-            return getattr(client, method)(*args, timeout=self._timeout_s, **kwargs)
+            result = getattr(client, method)(*args, timeout=self._timeout_s, **kwargs)
+            outcome = "ok"
+            return result
         except (MilvusException, grpc.RpcError) as exc:
             raise self._error(action, exc) from exc
+        finally:
+            MILVUS_CALLS.labels(method, outcome).observe(time.perf_counter() - started)
 
     def open(self, name: str, model: ModelIdentity | None = None, create: bool = False) -> None:
         """Make sure `name` exists (created for `model` if `create`) and is
@@ -236,6 +247,10 @@ class MilvusStore:
         rows = self._call("count rows", "query", name, filter="", output_fields=["count(*)"],
                           **_READ)
         return int(rows[0]["count(*)"])
+
+    def ping(self) -> None:
+        """Raise DependencyUnavailable unless Milvus answers."""
+        self._call("answer a health check", "list_collections")
 
     def close(self) -> None:
         if self._client is not None:

@@ -34,16 +34,21 @@ class Service:
                  port: int | None = None) -> None:
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args],
+                [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port),
+                 "--metrics-port", str(self.metrics_port), *args],
                 cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout_s: float = 120) -> "Service":
+    def wait_ready(self, timeout_s: float = 120, service: str = "") -> "Service":
+        """Wait for health SERVING: overall by default, or e.g. "liveness"."""
         try:
-            wait_serving(self.address, timeout_s, alive=lambda: self.process.poll() is None)
+            wait_serving(self.address, timeout_s, alive=lambda: self.process.poll() is None,
+                         service=service)
         except Exception as exc:
             raise RuntimeError(f"{exc}; log:\n{self.log()}") from exc
         return self
@@ -84,15 +89,16 @@ def imgsearch(server: str, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def start_embedder(tmp: Path, *args: str, port: int | None = None) -> Service:
+def start_embedder(tmp: Path, *args: str, port: int | None = None,
+                   env: dict | None = None) -> Service:
     return Service("embedder_service", ["--model", str(TEST_MODEL), "--preprocess-workers", "2",
                                         "--torch-threads", "1", *args],
-                   tmp / f"embedder-{free_port()}.log", port=port)
+                   tmp / f"embedder-{free_port()}.log", port=port, env=env)
 
 
-def start_search(tmp: Path, embedder: str, *args: str) -> Service:
+def start_search(tmp: Path, embedder: str, *args: str, env: dict | None = None) -> Service:
     return Service("search_service", ["--embedder", embedder, "--data-dir", str(tmp / "data"), *args],
-                   tmp / f"search-{free_port()}.log")
+                   tmp / f"search-{free_port()}.log", env=env)
 
 
 class MilvusServer:

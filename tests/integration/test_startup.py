@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 
 from imagesearch.client import IngestItem, IngestResult, SearchClient
-from tests.integration.test_bad_input import photo
-from tests.services import ROOT, free_port, start_embedder, start_search
+from imagesearch.health import status
+from imagesearch.serving import LIVENESS
+from tests.services import ROOT, free_port, photo, start_embedder, start_search
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
@@ -51,26 +51,22 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
 
 
 def test_search_service_starts_before_the_embedder_and_recovers(tmp_path):
-    """Started first, the search service answers UNAVAILABLE naming the
-    embedder, then serves within seconds of the embedder coming up."""
+    """Started first, the search service is alive but not ready, answers
+    UNAVAILABLE naming the embedder, then is ready and serves within seconds
+    of the embedder coming up."""
     port = free_port()
-    search = start_search(tmp_path, f"127.0.0.1:{port}").wait_ready()
+    search = start_search(tmp_path, f"127.0.0.1:{port}").wait_ready(service=LIVENESS)
     try:
         with SearchClient(search.address) as client:
+            assert status(search.address) == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as error:
                 client.search_text("a photo of a red circle")
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"embedder at 127.0.0.1:{port} is unavailable" in error.value.details()
             embedder = start_embedder(tmp_path, port=port).wait_ready()
             try:
-                deadline = time.monotonic() + 5
-                while True:
-                    try:
-                        assert client.search_text("a photo of a red circle") == []
-                        break
-                    except grpc.RpcError:
-                        assert time.monotonic() < deadline, "no recovery within 5 s"
-                        time.sleep(0.1)
+                search.wait_ready(timeout_s=5)  # readiness follows within one check interval
+                assert client.search_text("a photo of a red circle") == []
             finally:
                 assert embedder.stop() == 0
     finally:

@@ -1,0 +1,162 @@
+"""What operators see of a server: per-RPC metrics, request ids, logs.
+
+Every RPC passes through `RpcInterceptor`, which
+- takes the caller's `x-request-id` metadata (or makes one), keeps it in a
+  context variable for the logs and for calls to other services, and sends
+  it back as trailing metadata;
+- counts the call and times it, by method and status code, for Prometheus
+  (`grpc_server_handled_total`, `grpc_server_handling_seconds`);
+- logs calls that end in a server-side error status (and, at debug level,
+  every call).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import json
+import logging
+import time
+import uuid
+
+import grpc
+from prometheus_client import Counter, Histogram, start_http_server
+
+from imagesearch import tracing
+from imagesearch.handlers import rebuild
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+HANDLED = Counter("grpc_server_handled_total", "RPCs completed, by method and status code",
+                  ["grpc_service", "grpc_method", "grpc_code"])
+HANDLING = Histogram("grpc_server_handling_seconds", "RPC latency, by method and status code",
+                     ["grpc_service", "grpc_method", "grpc_code"],
+                     buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+# Statuses that point at the server or a dependency, not at the caller's request.
+_SERVER_SIDE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED}
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata that carries the current request id (and trace context, when
+    tracing is on) to another service."""
+    carrier: dict[str, str] = {}
+    tracing.inject(carrier)
+    return ((REQUEST_ID_KEY, request_id.get()), *carrier.items())
+
+
+def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    code = context.code()  # set by abort() or set_code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if exc is None:
+        return grpc.StatusCode.OK
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+class _Call:
+    """One RPC's request id, clock and outcome."""
+
+    def __init__(self, method: str, metadata) -> None:
+        self.service, _, self.method = method.lstrip("/").rpartition("/")
+        self.metadata = dict(metadata or ())
+        self.rid = self.metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        self.started = time.perf_counter()
+        self._span = contextlib.ExitStack()
+
+    def begin(self, context: grpc.aio.ServicerContext) -> contextvars.Token:
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
+        token = request_id.set(self.rid)
+        self.span = self._span.enter_context(
+            tracing.server_span(f"{self.service}/{self.method}", self.metadata))
+        return token
+
+    def end(self, context: grpc.aio.ServicerContext, exc: BaseException | None,
+            token: contextvars.Token) -> None:
+        code = _code(context, exc)
+        tracing.finish(self.span, code.name)
+        self._span.close()
+        seconds = time.perf_counter() - self.started
+        HANDLED.labels(self.service, self.method, code.name).inc()
+        HANDLING.labels(self.service, self.method, code.name).observe(seconds)
+        if code in _SERVER_SIDE:
+            log.warning("%s %s after %.1f ms: %s", self.method, code.name, 1000 * seconds,
+                        context.details() or exc or "")
+        else:
+            log.debug("%s %s in %.1f ms", self.method, code.name, 1000 * seconds)
+        request_id.reset(token)
+
+
+def _wrap(behavior, call_info):
+    if inspect.isasyncgenfunction(behavior):
+        async def stream(request, context):
+            call, exc = _Call(*call_info), None
+            token = call.begin(context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                call.end(context, exc, token)
+        return stream
+
+    async def unary(request, context):
+        call, exc = _Call(*call_info), None
+        token = call.begin(context)
+        try:
+            return await behavior(request, context)
+        except BaseException as e:
+            exc = e
+            raise
+        finally:
+            call.end(context, exc, token)
+    return unary
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        info = (handler_call_details.method, handler_call_details.invocation_metadata)
+        return rebuild(handler, lambda behavior: _wrap(behavior, info))
+
+
+def start_metrics(port: int, host: str) -> None:
+    """Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: off)."""
+    if port:
+        start_http_server(port, addr=host)
+        log.info("metrics on http://%s:%d/metrics", host, port)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "request_id": getattr(record, "request_id", "-"), "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(level: str, fmt: str = "text") -> None:
+    """Text or one JSON object per line, each record with its request id."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # Milvus Lite's loader chatter

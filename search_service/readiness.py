@@ -1,0 +1,28 @@
+"""Readiness: the search service is SERVING only while both its
+dependencies, the embedder and Milvus, answer. Checked every few seconds;
+each change is logged with the reason."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import AsyncIterator, Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+INTERVAL_S = 2.0
+
+
+async def watch_dependencies(problems: Callable[[], Awaitable[list[str]]],
+                             interval_s: float = INTERVAL_S) -> AsyncIterator[bool]:
+    """Yield whether there are no problems, now and then every `interval_s`."""
+    last = None
+    while True:
+        found = await problems()
+        if found:
+            if found != last:
+                log.warning("not ready: %s", "; ".join(found))
+        elif last:
+            log.info("ready: the embedder and Milvus answer again")
+        last = found
+        yield not found
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,198 @@
+"""What operators rely on, against real processes: health transitions,
+reflection, Prometheus metrics after known traffic, request ids across
+services, and round-robin over several embedder replicas."""
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
+    ProtoReflectionDescriptorDatabase
+
+from imagesearch.client import IngestItem, SearchClient
+from imagesearch.health import status
+from imagesearch.serving import LIVENESS
+from imagesearch.v1 import search_pb2, search_pb2_grpc
+from tests.services import photo, start_embedder, start_search, status_of
+
+
+def scrape(service) -> dict[str, float]:
+    """The service's metrics as {'name{label="v",...}': value}."""
+    with urllib.request.urlopen(service.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of `name` over the samples whose labels include `labels`."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if base == name and labels.items() <= found.items():
+            total += value
+    return total
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    """Three embedder processes, logging each RPC with its request id."""
+    tmp = tmp_path_factory.mktemp("replicas")
+    services = [start_embedder(tmp, "--log-level", "debug") for _ in range(3)]
+    for service in services:
+        service.wait_ready()
+    yield services
+    for service in services:
+        service.stop()
+
+
+def test_round_robin_over_three_embedders_and_one_killed(replicas, tmp_path):
+    target = "ipv4:" + ",".join(s.address for s in replicas)
+    search = start_search(tmp_path, target).wait_ready()
+    try:
+        before = [metric(scrape(s), "grpc_server_handled_total", grpc_method="EncodeText")
+                  for s in replicas]
+        with SearchClient(search.address, timeout_s=30) as client:
+            for i in range(60):
+                client.search_text(f"a photo of a red circle {i}", top_k=1)
+            calls = [metric(scrape(s), "grpc_server_handled_total", grpc_method="EncodeText") - b
+                     for s, b in zip(replicas, before)]
+            assert sum(calls) == 60
+            assert all(c >= 0.2 * 60 for c in calls), calls
+
+            replicas[0].process.send_signal(signal.SIGKILL)
+            replicas[0].process.wait()
+            for i in range(30):  # every one succeeds: the dead replica is skipped or retried
+                client.search_text(f"a photo of a blue square {i}", top_k=1)
+    finally:
+        assert search.stop() == 0
+
+
+def test_request_id_travels_from_search_to_embedder(replicas, tmp_path):
+    live = [s for s in replicas if s.process.poll() is None]
+    search = start_search(tmp_path, "ipv4:" + ",".join(s.address for s in live)).wait_ready()
+    try:
+        with grpc.insecure_channel(search.address) as channel:
+            stub = search_pb2_grpc.ImageSearchStub(channel)
+            _, call = stub.SearchByText.with_call(
+                search_pb2.SearchByTextRequest(query="a red circle", top_k=1),
+                metadata=(("x-request-id", "req-4711"),), timeout=30)
+            assert ("x-request-id", "req-4711") in call.trailing_metadata()
+            _, call = stub.SearchByText.with_call(
+                search_pb2.SearchByTextRequest(query="a red circle", top_k=1), timeout=30)
+            made = dict(call.trailing_metadata())["x-request-id"]
+            assert re.fullmatch(r"[0-9a-f]{32}", made)  # one is made when the caller sends none
+        deadline = time.monotonic() + 5
+        while not any("[req-4711]: EncodeText OK" in s.log() for s in live):
+            assert time.monotonic() < deadline, "the embedder never logged the caller's request id"
+            time.sleep(0.1)
+    finally:
+        assert search.stop() == 0
+
+
+def test_metrics_after_known_traffic(embedder_service, tmp_path):
+    search = start_search(tmp_path, embedder_service.address).wait_ready()
+    try:
+        with SearchClient(search.address, timeout_s=30) as client:
+            results = list(client.ingest([IngestItem(photo(i), f"p{i}") for i in range(5)]
+                                         + [IngestItem(b"not an image", "bad")], collection="metrics"))
+            assert len(results) == 6
+            for _ in range(3):
+                client.search_text("a red circle", top_k=2, collection="metrics")
+            status_of(client.search_text, "a red circle", 0)
+        samples = scrape(search)
+        rpc = dict(grpc_service="imagesearch.v1.ImageSearch", grpc_method="SearchByText")
+        assert metric(samples, "grpc_server_handled_total", **rpc, grpc_code="OK") == 3
+        assert metric(samples, "grpc_server_handled_total", **rpc, grpc_code="INVALID_ARGUMENT") == 1
+        assert metric(samples, "grpc_server_handling_seconds_count", **rpc, grpc_code="OK") == 3
+        assert metric(samples, "grpc_server_handled_total", grpc_method="Ingest", grpc_code="OK") == 1
+        assert metric(samples, "search_images_ingested_total", status="inserted") == 5
+        assert metric(samples, "search_images_ingested_total", status="failed") == 1
+        assert metric(samples, "search_milvus_call_seconds_count", operation="search", outcome="ok") == 3
+        assert metric(samples, "search_milvus_call_seconds_count", operation="upsert", outcome="ok") >= 1
+
+        samples = scrape(embedder_service)
+        assert metric(samples, "embedder_model_load_seconds") > 0
+        assert metric(samples, "embedder_batch_size_count", batcher="text") >= 3
+        assert metric(samples, "embedder_batch_size_sum", batcher="image") >= 5  # the bad one never reaches the model
+        assert 'embedder_queue_items{batcher="image"}' in samples
+        assert metric(samples, "grpc_server_handled_total", grpc_method="EncodeText", grpc_code="OK") >= 3
+    finally:
+        assert search.stop() == 0
+
+
+def test_reflection_lists_and_calls_the_services(search_service, embedder_service):
+    for service, api in ((search_service, "imagesearch.v1.ImageSearch"),
+                         (embedder_service, "imagesearch.v1.Embedder")):
+        with grpc.insecure_channel(service.address) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            assert {api, "grpc.health.v1.Health"} <= set(database.get_services())
+    # A generic client: no generated code, only what reflection tells it.
+    with grpc.insecure_channel(search_service.address) as channel:
+        pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+        method = pool.FindServiceByName("imagesearch.v1.ImageSearch").methods_by_name["GetStats"]
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        call = channel.unary_unary("/imagesearch.v1.ImageSearch/GetStats",
+                                   request_serializer=request_class.SerializeToString,
+                                   response_deserializer=response_class.FromString)
+        assert call(request_class(), timeout=30).collection == "images"
+
+
+def test_reflection_can_be_switched_off(embedder_service, tmp_path):
+    search = start_search(tmp_path, embedder_service.address, "--reflection", "false").wait_ready()
+    try:
+        with grpc.insecure_channel(search.address) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        assert search.stop() == 0
+
+
+def test_health_follows_the_embedder_and_shutdown(tmp_path):
+    """serving -> not serving while the embedder is down -> serving again ->
+    not serving on SIGTERM, with liveness SERVING throughout until exit."""
+    embedder = start_embedder(tmp_path).wait_ready()
+    search = start_search(tmp_path, embedder.address).wait_ready()
+    try:
+        assert status(search.address) == status(search.address, service=LIVENESS) == "SERVING"
+        embedder.process.send_signal(signal.SIGKILL)
+        embedder.process.wait()
+        deadline = time.monotonic() + 10
+        while status(search.address) != "NOT_SERVING":
+            assert time.monotonic() < deadline, "still SERVING without an embedder"
+            time.sleep(0.1)
+        assert status(search.address, service=LIVENESS) == "SERVING"
+        assert "not ready: embedder at" in search.log()
+
+        embedder = start_embedder(tmp_path, port=embedder.port).wait_ready()
+        search.wait_ready(timeout_s=10)
+
+        seen = []
+        with grpc.insecure_channel(search.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+
+            def follow():
+                try:
+                    for update in watch:
+                        seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(update.status))
+                except grpc.RpcError:
+                    pass  # the server went away
+            follower = threading.Thread(target=follow)
+            follower.start()
+            time.sleep(0.5)
+            assert search.stop() == 0
+            follower.join(10)
+        assert seen[0] == "SERVING" and seen[-1] == "NOT_SERVING", seen
+    finally:
+        search.stop()
+        embedder.stop()
