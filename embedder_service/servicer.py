@@ -12,12 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+from prometheus_client import Gauge
 
 from embedder_service.batcher import Batcher, Expired, QueueFull
 from embedder_service.config import EmbedderConfig
 from embedder_service.model import ClipEncoder
 from embedder_service.workers import CHUNK, make_pool, prepare
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+
+DECODING = Gauge("embedder_decoding_items",
+                 "Image items admitted and being decoded; they count against --max-queue")
 
 _MAX_LISTED = 10  # bad items named in one error message
 
@@ -39,6 +43,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             [text for texts in payloads for text in texts]), self._model_thread, **limits)
         self.images = Batcher("image", lambda payloads: encoder.encode_images(
             np.concatenate(payloads)), self._model_thread, **limits)
+        self._decoding = 0  # image items admitted and being decoded
+        DECODING.set_function(lambda: self._decoding)
         mode = config.preprocess_mode
         if mode == "auto":
             mode = "process" if encoder.device.type == "cuda" else "thread"
@@ -95,14 +101,18 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     async def EncodeImage(self, request, context):
         images = list(request.images)
         await self._check_count("images", len(images), context)
-        try:
-            self.images.admit(len(images))  # refuse before decoding anything
+        try:  # refuse before decoding anything; images being decoded count as queued
+            self.images.admit(len(images) + self._decoding)
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         loop = asyncio.get_running_loop()
-        chunks = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, prepare,
-                                                             images[i:i + CHUNK])
-                                        for i in range(0, len(images), CHUNK)))
+        self._decoding += len(images)
+        try:
+            chunks = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, prepare,
+                                                                 images[i:i + CHUNK])
+                                            for i in range(0, len(images), CHUNK)))
+        finally:
+            self._decoding -= len(images)
         prepared = [p for chunk in chunks for p in chunk]
         errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
         if errors and not request.allow_partial:

@@ -15,9 +15,11 @@ from typing import Iterator
 import grpc
 from tqdm import tqdm
 
-from imagesearch.client import DEFAULT_SEARCH_SERVER, Hit, IngestItem, IngestResult, SearchClient
+from imagesearch.client import (DEFAULT_SEARCH_SERVER, Hit, IngestItem, IngestResult, SearchClient,
+                                Security)
 from imagesearch.grid import write_grid
 from imagesearch.health import status, wait_serving
+from imagesearch.security import channel_credentials
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -120,13 +122,16 @@ def cmd_delete(client: SearchClient, args: argparse.Namespace) -> int:
 
 def cmd_health(client: SearchClient, args: argparse.Namespace) -> int:
     """Exit 0 when the server is SERVING (after waiting up to --wait seconds)."""
+    credentials = None
+    if args.security.tls:
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     if args.wait:
         try:
-            wait_serving(args.address or args.server, args.wait)
+            wait_serving(args.address or args.server, args.wait, credentials=credentials)
         except TimeoutError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    state = status(args.address or args.server)
+    state = status(args.address or args.server, credentials=credentials)
     print(state)
     return 0 if state == "SERVING" else 1
 
@@ -139,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="collection to use (default: the server's default)")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for a search, delete or stats call (default %(default)s)")
+    parser.add_argument("--tls-ca", default=os.environ.get("IMGSEARCH_TLS_CA", ""), metavar="PEM",
+                        help="connect with TLS, trusting this CA (env IMGSEARCH_TLS_CA)")
+    parser.add_argument("--tls-cert", default=os.environ.get("IMGSEARCH_TLS_CERT", ""), metavar="PEM",
+                        help="client certificate for mutual TLS (env IMGSEARCH_TLS_CERT)")
+    parser.add_argument("--tls-key", default=os.environ.get("IMGSEARCH_TLS_KEY", ""), metavar="PEM",
+                        help="its private key (env IMGSEARCH_TLS_KEY)")
+    parser.add_argument("--token-file", default="", metavar="PATH",
+                        help="file holding the token the server requires; or set IMGSEARCH_TOKEN "
+                             "(never on the command line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ingest = sub.add_parser("ingest", help="add every image under a folder, recursively")
@@ -183,14 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with SearchClient(args.server, timeout_s=args.timeout) as client:
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else \
+            os.environ.get("IMGSEARCH_TOKEN", "")
+    except OSError as exc:
+        print(f"error: cannot read the token file: {exc}", file=sys.stderr)
+        return 2
+    args.security = Security(args.tls_ca, args.tls_cert, args.tls_key, token)
+    with SearchClient(args.server, timeout_s=args.timeout, security=args.security) as client:
         try:
             return args.run(client, args)
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                print(f"is the search service running at {args.server}? (--server HOST:PORT)",
-                      file=sys.stderr)
+                print(f"is the search service running at {args.server}? (--server HOST:PORT; "
+                      "--tls-ca if it serves TLS)", file=sys.stderr)
+            elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                print("set IMGSEARCH_TOKEN or pass --token-file", file=sys.stderr)
             return 1
         except OSError as exc:
             print(f"error: {exc}", file=sys.stderr)

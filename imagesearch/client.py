@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Mapping
 import grpc
 import numpy as np
 
+from imagesearch.security import bearer, channel_credentials
 from imagesearch.serving import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
 
@@ -56,12 +57,37 @@ def search_options(where: Mapping[str, str | Iterable[str]] | None = None, uri_p
     return fields
 
 
+@dataclass(frozen=True)
+class Security:
+    """How a client connects: TLS trusting `tls_ca` (the system roots when
+    empty) once any TLS field is set, `tls_cert`/`tls_key` for mutual TLS,
+    and a bearer `token` for servers that require one."""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    token: str = field(default="", repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def channel(self, server: str, options: list) -> grpc.Channel:
+        if self.tls:
+            return grpc.secure_channel(server, channel_credentials(
+                self.tls_ca, self.tls_cert, self.tls_key), options)
+        return grpc.insecure_channel(server, options)
+
+
 class _Client:
-    def __init__(self, server: str, timeout_s: float, max_message_mb: int) -> None:
+    def __init__(self, server: str, timeout_s: float, max_message_mb: int,
+                 security: Security | None = None) -> None:
         self.server = server
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_mb << 20
-        self._channel = grpc.insecure_channel(server, options=channel_options(max_message_mb << 20))
+        security = security or Security()
+        self._channel = security.channel(server, channel_options(max_message_mb << 20))
+        self._metadata = bearer(security.token)
+        self._call = {"timeout": timeout_s, "metadata": self._metadata}  # every unary call's options
 
     def close(self) -> None:
         self._channel.close()
@@ -77,8 +103,8 @@ class SearchClient(_Client):
     """Client of imagesearch.v1.ImageSearch."""
 
     def __init__(self, server: str = DEFAULT_SEARCH_SERVER, timeout_s: float = 60.0,
-                 max_message_mb: int = 64) -> None:
-        super().__init__(server, timeout_s, max_message_mb)
+                 max_message_mb: int = 64, security: Security | None = None) -> None:
+        super().__init__(server, timeout_s, max_message_mb, security)
         self._stub = search_pb2_grpc.ImageSearchStub(self._channel)
 
     def ingest(self, items: Iterable[IngestItem], collection: str = "",
@@ -88,7 +114,7 @@ class SearchClient(_Client):
         requests = (search_pb2.IngestRequest(image=item.image, uri=item.uri,
                                              metadata=item.metadata, collection=collection)
                     for item in items)
-        yield from self._stub.Ingest(requests, timeout=timeout_s)
+        yield from self._stub.Ingest(requests, timeout=timeout_s, metadata=self._metadata)
 
     def _hits(self, response: search_pb2.SearchResponse) -> list[Hit]:
         return [Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
@@ -99,30 +125,30 @@ class SearchClient(_Client):
         """`options`: see `search_options`."""
         request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection,
                                                  **search_options(**options))
-        return self._hits(self._stub.SearchByText(request, timeout=self.timeout_s))
+        return self._hits(self._stub.SearchByText(request, **self._call))
 
     def search_image(self, image: bytes, top_k: int = 10, collection: str = "",
                      **options) -> list[Hit]:
         """`options`: see `search_options`."""
         request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection,
                                                   **search_options(**options))
-        return self._hits(self._stub.SearchByImage(request, timeout=self.timeout_s))
+        return self._hits(self._stub.SearchByImage(request, **self._call))
 
     def delete(self, ids: list[str], collection: str = "") -> search_pb2.DeleteResponse:
         return self._stub.Delete(search_pb2.DeleteRequest(ids=ids, collection=collection),
-                                 timeout=self.timeout_s)
+                                 **self._call)
 
     def stats(self, collection: str = "") -> search_pb2.Stats:
         return self._stub.GetStats(search_pb2.GetStatsRequest(collection=collection),
-                                   timeout=self.timeout_s)
+                                   **self._call)
 
 
 class EmbedderClient(_Client):
     """Client of imagesearch.v1.Embedder; vectors come back as float32 numpy rows."""
 
     def __init__(self, server: str = DEFAULT_EMBEDDER_SERVER, timeout_s: float = 60.0,
-                 max_message_mb: int = 64) -> None:
-        super().__init__(server, timeout_s, max_message_mb)
+                 max_message_mb: int = 64, security: Security | None = None) -> None:
+        super().__init__(server, timeout_s, max_message_mb, security)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
 
     @staticmethod
@@ -131,11 +157,11 @@ class EmbedderClient(_Client):
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         return self._matrix(self._stub.EncodeText(embedder_pb2.EncodeTextRequest(texts=texts),
-                                                  timeout=self.timeout_s))
+                                                  **self._call))
 
     def encode_images(self, images: list[bytes]) -> np.ndarray:
         return self._matrix(self._stub.EncodeImage(embedder_pb2.EncodeImageRequest(images=images),
-                                                   timeout=self.timeout_s))
+                                                   **self._call))
 
     def model_info(self) -> embedder_pb2.ModelInfo:
-        return self._stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+        return self._stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), **self._call)

@@ -23,6 +23,9 @@ class ServerConfig:
     grace_s: float
     log_level: str
     log_format: str
+    tls_cert: str
+    tls_key: str
+    tls_client_ca: str
 
     @property
     def address(self) -> str:
@@ -69,6 +72,11 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.env_flag("--log-level", default="info", help="debug, info, warning or error")
         self.env_flag("--log-format", default="text", choices=["text", "json"],
                       help="text lines, or one JSON object per line for log collectors")
+        self.env_flag("--tls-cert", default="",
+                      help="PEM certificate chain: serve TLS only (needs --tls-key)")
+        self.env_flag("--tls-key", default="", help="PEM private key of --tls-cert")
+        self.env_flag("--tls-client-ca", default="",
+                      help="PEM CA: also require client certificates it signed (mutual TLS)")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -8,9 +8,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-def status(address: str, timeout_s: float = 2.0, service: str = "") -> str:
-    """SERVING, NOT_SERVING, ... or UNREACHABLE."""
-    with grpc.insecure_channel(address) as channel:
+def status(address: str, timeout_s: float = 2.0, service: str = "",
+           credentials: grpc.ChannelCredentials | None = None) -> str:
+    """SERVING, NOT_SERVING, ... or UNREACHABLE. `credentials` for a TLS port."""
+    channel = grpc.secure_channel(address, credentials) if credentials else \
+        grpc.insecure_channel(address)
+    with channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -20,14 +23,14 @@ def status(address: str, timeout_s: float = 2.0, service: str = "") -> str:
 
 
 def wait_serving(address: str, timeout_s: float, alive: Callable[[], bool] = lambda: True,
-                 service: str = "") -> None:
+                 service: str = "", credentials: grpc.ChannelCredentials | None = None) -> None:
     """Block until `service` is SERVING; raise TimeoutError, or RuntimeError
     once `alive()` is false."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not alive():
             raise RuntimeError(f"the process serving {address} exited")
-        if status(address, timeout_s=1.0, service=service) == "SERVING":
+        if status(address, timeout_s=1.0, service=service, credentials=credentials) == "SERVING":
             return
         time.sleep(0.2)
     raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")

@@ -55,8 +55,10 @@ def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.
         return code
     if exc is None:
         return grpc.StatusCode.OK
-    if isinstance(exc, asyncio.CancelledError):
-        return grpc.StatusCode.CANCELLED
+    if isinstance(exc, asyncio.CancelledError):  # gRPC cancels a call whose deadline passed
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 
 

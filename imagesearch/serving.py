@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from imagesearch.flags import ServerConfig
 from imagesearch.observability import RpcInterceptor, start_metrics
+from imagesearch.security import TokenAuthInterceptor, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +44,29 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio.Server], None],
                 service_names: list[str], ready: Callable[[], Awaitable[None]] | None = None,
-                watch: Callable[[], AsyncIterator[bool]] | None = None) -> None:
+                watch: Callable[[], AsyncIterator[bool]] | None = None,
+                tokens: list[str] | None = None) -> None:
     """Run a server until SIGTERM/SIGINT.
 
     `register` adds the servicers; `ready` (optional) runs after the port is
     bound and before health says SERVING, e.g. a warm-up encode; `watch`
     (optional) yields whether the server can serve now, e.g. whether its
-    dependencies answer, and health follows it.
+    dependencies answer, and health follows it. With `tokens`, every call
+    but health checks needs one of them (TokenAuthInterceptor); with
+    `config.tls_cert`, the port serves TLS only.
     """
+    if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
+        raise SystemExit(f"{name}: --tls-cert and --tls-key go together, and --tls-client-ca "
+                         "needs them")
     start_metrics(config.metrics_port, config.host)
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor()],
+        interceptors=[RpcInterceptor(), *([TokenAuthInterceptor(tokens)] if tokens else [])],
         options=channel_options(config.max_message_mb << 20) + [
             ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
-            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000))])
+            ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),
+            # Let clients probe idle connections with keepalive pings (ours do, every 10 s).
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)])
     register(server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -72,7 +82,12 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
             await health.set(service, state)
 
     await set_ready(False)
-    if server.add_insecure_port(config.address) == 0:
+    if config.tls_cert:
+        port = server.add_secure_port(config.address, server_credentials(
+            config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        port = server.add_insecure_port(config.address)
+    if port == 0:
         raise SystemExit(f"{name}: cannot listen on {config.address} (port in use or bad address)")
     await server.start()
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
@@ -84,7 +99,9 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
 
     if ready is not None:
         await ready()
-    log.info("%s listening on %s", name, config.address)
+    log.info("%s listening on %s (%s%s)", name, config.address,
+             "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
+             ", token required" if tokens else "")
     watcher = None
     if watch is None:
         await set_ready(True)

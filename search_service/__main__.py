@@ -8,6 +8,7 @@ import sys
 
 from imagesearch import tracing
 from imagesearch.observability import setup_logging
+from imagesearch.security import channel_credentials, load_tokens
 from imagesearch.serving import serve
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service.config import SearchConfig, parse_config
@@ -21,7 +22,12 @@ log = logging.getLogger("search_service")
 
 
 async def run(config: SearchConfig, store: MilvusStore) -> None:
-    embedder = EmbedderClient(config.embedder, config.embedder_timeout_s, config.max_message_mb << 20)
+    credentials = None
+    if config.embedder_tls_ca or config.embedder_tls_cert:
+        credentials = channel_credentials(config.embedder_tls_ca, config.embedder_tls_cert,
+                                          config.embedder_tls_key)
+    embedder = EmbedderClient(config.embedder, config.embedder_timeout_s,
+                              config.max_message_mb << 20, credentials)
     servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch,
                                    config.max_message_mb << 20)
     startup_check = asyncio.create_task(servicer.check_default_collection())
@@ -30,7 +36,8 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
         await serve(config, name="search", service_names=[service_name],
                     register=lambda server: search_pb2_grpc.add_ImageSearchServicer_to_server(
                         servicer, server),
-                    watch=lambda: watch_dependencies(servicer.dependency_problems))
+                    watch=lambda: watch_dependencies(servicer.dependency_problems),
+                    tokens=load_tokens("SEARCH_AUTH_TOKEN", config.auth_token_file))
     finally:
         startup_check.cancel()
         await embedder.close()

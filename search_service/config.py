@@ -21,8 +21,13 @@ class SearchConfig(ServerConfig):
     hnsw_m: int
     hnsw_ef_construction: int
     hnsw_ef: int
+    auth_token_file: str
+    embedder_tls_ca: str
+    embedder_tls_cert: str
+    embedder_tls_key: str
     # From the environment only, never a flag: a token on a command line is
-    # visible to every user of the machine.
+    # visible to every user of the machine. SEARCH_MILVUS_TOKEN, or
+    # SEARCH_MILVUS_USER and SEARCH_MILVUS_PASSWORD.
     milvus_token: str = field(default="", repr=False)
 
     @property
@@ -48,6 +53,15 @@ def build_parser() -> EnvArgumentParser:
                     "file DATA_DIR/milvus.db")
     p.env_flag("--data-dir", default="./data", help="where the Milvus Lite file lives")
     p.env_flag("--collection", default="images", help="collection used when a request names none")
+    p.env_flag("--auth-token-file", default="",
+               help="file of accepted client tokens, one per line; with it (or with the "
+                    "SEARCH_AUTH_TOKEN environment variable) every call but health checks needs "
+                    "metadata 'authorization: Bearer TOKEN'")
+    p.env_flag("--embedder-tls-ca", default="",
+               help="PEM CA that signed the embedder's certificate: call the embedder over TLS")
+    p.env_flag("--embedder-tls-cert", default="",
+               help="PEM client certificate for mutual TLS with the embedder (needs the key)")
+    p.env_flag("--embedder-tls-key", default="", help="PEM private key of --embedder-tls-cert")
     p.env_flag("--ingest-batch", default=32, type=positive_int,
                help="most ingest items embedded and written together")
     p.env_flag("--milvus-timeout-s", default=10.0, type=positive_float,
@@ -68,4 +82,7 @@ def build_parser() -> EnvArgumentParser:
 
 def parse_config(argv: list[str] | None = None) -> SearchConfig:
     args = build_parser().parse_args(argv)
-    return SearchConfig(**vars(args), milvus_token=os.environ.get("SEARCH_MILVUS_TOKEN", ""))
+    token = os.environ.get("SEARCH_MILVUS_TOKEN", "")
+    if not token and os.environ.get("SEARCH_MILVUS_USER"):
+        token = f"{os.environ['SEARCH_MILVUS_USER']}:{os.environ.get('SEARCH_MILVUS_PASSWORD', '')}"
+    return SearchConfig(**vars(args), milvus_token=token)

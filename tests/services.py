@@ -31,24 +31,27 @@ class Service:
     """One service process (`python -m MODULE ARGS`), logging to a file."""
 
     def __init__(self, module: str, args: list[str], log_path: Path, env: dict | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, host: str = "127.0.0.1",
+                 prefix: list[str] | None = None) -> None:
+        """`prefix` runs the process through another command, e.g. `ip netns exec NS`."""
         self.port = port or free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.metrics_port = free_port()
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        self.metrics_url = f"http://{host}:{self.metrics_port}/metrics"
         self.log_path = log_path
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port),
+                [*(prefix or []), sys.executable, "-m", module, "--host", host, "--port", str(self.port),
                  "--metrics-port", str(self.metrics_port), *args],
                 cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout_s: float = 120, service: str = "") -> "Service":
+    def wait_ready(self, timeout_s: float = 120, service: str = "",
+                   credentials: grpc.ChannelCredentials | None = None) -> "Service":
         """Wait for health SERVING: overall by default, or e.g. "liveness"."""
         try:
             wait_serving(self.address, timeout_s, alive=lambda: self.process.poll() is None,
-                         service=service)
+                         service=service, credentials=credentials)
         except Exception as exc:
             raise RuntimeError(f"{exc}; log:\n{self.log()}") from exc
         return self
@@ -83,17 +86,18 @@ def status_of(call, *args) -> grpc.RpcError:
     return info.value
 
 
-def imgsearch(server: str, *args: str) -> subprocess.CompletedProcess:
+def imgsearch(server: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the `imgsearch` CLI against `server`."""
     return subprocess.run([sys.executable, "-m", "imagesearch.cli", "--server", server, *args],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
-def start_embedder(tmp: Path, *args: str, port: int | None = None,
-                   env: dict | None = None) -> Service:
+def start_embedder(tmp: Path, *args: str, port: int | None = None, env: dict | None = None,
+                   **where) -> Service:
+    """`where`: `host` and `prefix`, as for Service."""
     return Service("embedder_service", ["--model", str(TEST_MODEL), "--preprocess-workers", "2",
                                         "--torch-threads", "1", *args],
-                   tmp / f"embedder-{free_port()}.log", port=port, env=env)
+                   tmp / f"embedder-{free_port()}.log", port=port, env=env, **where)
 
 
 def start_search(tmp: Path, embedder: str, *args: str, env: dict | None = None) -> Service:

@@ -12,6 +12,7 @@ from PIL import Image
 from imagesearch.client import IngestItem, IngestResult
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2
 from tests.services import photo, status_of
+from tests.unit.test_preprocess import bomb_png, case_data
 
 CORRUPT = b"\xff\xd8\xff\xe0 this is not really a jpeg"
 
@@ -167,3 +168,48 @@ def test_undecodable_ingest_message_fails_the_stream_without_hanging(search_serv
         error = status_of(lambda: list(ingest(iter([bad]), timeout=20)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert "request stream item 0" in error.details()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far, in bytes (VmHWM)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_decompression_bomb_is_refused_without_a_memory_spike(embedder_stub, embedder_service):
+    """A ~110 KB PNG that claims 30000x30000 pixels (2.7 GB as RGB)."""
+    bomb = bomb_png(30_000, 30_000)
+    before = peak_rss(embedder_service.process.pid)
+    error = status_of(embedder_stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=[bomb]))
+    growth = peak_rss(embedder_service.process.pid) - before
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "images[0]: image is 30000x30000 = 900 Mpx" in error.details()
+    assert growth < 50 << 20, f"peak RSS grew {growth >> 20} MB"
+
+
+@pytest.mark.parametrize("case", ["gif:animated", "jpeg:CMYK", "png:16-bit-gray", "png:16-bit-RGB",
+                                  "tiff:gray", "png:P-transparency", "jpeg:exif-orientation-6"])
+def test_unusual_images_are_encoded_not_refused(embedder, case):
+    """Through the service; tests/unit/test_preprocess.py checks each one's
+    pixels against transformers' own processor."""
+    data, _ = case_data(case)
+    [vector] = embedder.encode_images([data])
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("text", ["一只白色的狗", "Собака на снегу", "🐕 dog"])
+def test_text_in_other_scripts_is_encoded(embedder, search, text):
+    [vector] = embedder.encode_texts([text])
+    assert np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+    assert search.search_text(text, top_k=1) is not None
+
+
+def test_a_message_over_the_limit_is_resource_exhausted(embedder_service):
+    limit = 64 << 20  # the default --max-message-mb
+    with grpc.insecure_channel(embedder_service.address,
+                               options=[("grpc.max_send_message_length", 2 * limit)]) as channel:
+        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        error = status_of(stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=[bytes(limit + 1)]))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,0 +1,90 @@
+"""TLS, mutual TLS and bearer-token authentication for our gRPC endpoints.
+
+- A server with a certificate and key serves TLS only; with a client CA as
+  well, it also requires client certificates signed by that CA (mutual TLS).
+- A client trusts the server through a CA file, and presents its own
+  certificate and key when the server asks for mutual TLS.
+- Tokens are read from an environment variable or a file (one per line, so
+  a new token can be added before the old one is removed), never from the
+  command line, and never logged. Callers send `authorization: Bearer TOKEN`
+  metadata; each configured token is compared in constant time.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+from imagesearch.handlers import rebuild
+
+AUTH_HEADER = "authorization"
+# Probes (kubelet, Docker, load balancers) carry no token.
+_OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+
+
+def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
+    """TLS with `cert` and `key`; with `client_ca`, client certificates are required."""
+    return grpc.ssl_server_credentials(
+        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
+        root_certificates=_read(client_ca, "client CA") if client_ca else None,
+        require_client_auth=bool(client_ca))
+
+
+def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:
+    """Trust the server through `ca` (the system roots when empty); present
+    `cert` and `key` for mutual TLS when both are given."""
+    if bool(cert) != bool(key):
+        raise SystemExit("give both a client certificate and its key, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "CA") if ca else None,
+        private_key=_read(key, "client key") if key else None,
+        certificate_chain=_read(cert, "client certificate") if cert else None)
+
+
+def load_tokens(env_var: str, file: str = "") -> list[str]:
+    """The accepted tokens: the variable's value and the file's non-empty lines."""
+    tokens = [os.environ.get(env_var, "").strip()]
+    if file:
+        tokens += _read(file, "token file").decode().splitlines()
+    return [t.strip() for t in tokens if t.strip()]
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata that presents `token`."""
+    return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for every call without a valid bearer token, except health checks."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self._tokens = [t.encode() for t in tokens]
+
+    def _valid(self, metadata) -> bool:
+        header = dict(metadata or ()).get(AUTH_HEADER, "")
+        scheme, _, presented = header.partition(" ")
+        ok = False
+        for token in self._tokens:  # no early exit: timing says nothing about which matched
+            ok |= hmac.compare_digest(presented.strip().encode(), token)
+        return ok and scheme.lower() == "bearer"
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_OPEN_SERVICES) or \
+                self._valid(handler_call_details.invocation_metadata):
+            return handler
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid token: send metadata "
+                                "'authorization: Bearer TOKEN' with a token the server accepts")
+        return rebuild(handler, lambda _: deny)

@@ -1,0 +1,85 @@
+"""The network between the search service and the embedder is cut and
+restored: the embedder runs in a network namespace of its own, reached
+over a veth pair that the test takes down and brings up again (needs root,
+as on our build machines; without it this test fails, it is not skipped)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from imagesearch.client import SearchClient
+from tests.services import start_embedder, start_search
+
+TIMEOUT_S = 2.0  # the search service's --embedder-timeout-s here
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def netns():
+    """A namespace whose only link is a veth pair to 10.201.N.1 (host) / .2 (namespace)."""
+    n = os.getpid() % 250
+    name, host_if, ns_if = f"imgsearch-{n}", f"vh-is{n}", f"vn-is{n}"
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", name)
+        ip("addr", "add", f"10.201.{n}.1/30", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        for args in (("addr", "add", f"10.201.{n}.2/30", "dev", ns_if), ("link", "set", ns_if, "up"),
+                     ("link", "set", "lo", "up")):
+            ip("netns", "exec", name, "ip", *args)
+        yield name, host_if, f"10.201.{n}.2"
+    finally:
+        ip("netns", "del", name)  # takes the veth pair with it
+
+
+def test_network_cut_and_restored(netns, tmp_path):
+    name, host_if, address = netns
+    embedder = start_embedder(tmp_path, host=address, prefix=["ip", "netns", "exec", name]).wait_ready()
+    search = start_search(tmp_path, embedder.address, "--embedder-timeout-s", str(TIMEOUT_S)).wait_ready()
+    outcomes: list[tuple[float, str, float]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with SearchClient(search.address, timeout_s=30) as client:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    client.search_text("a photo of a red circle", top_k=3)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name
+                outcomes.append((started, code, time.monotonic() - started))
+                time.sleep(0.05)
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    try:
+        for worker in workers:
+            worker.start()
+        time.sleep(1)
+        ip("link", "set", host_if, "down")
+        cut = time.monotonic()
+        time.sleep(6)
+        ip("link", "set", host_if, "up")
+        restored = time.monotonic()
+        time.sleep(8)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(30)
+        assert search.stop() == 0
+        embedder.stop()
+    before = {code for when, code, took in outcomes if when + took < cut}
+    during = [(code, took) for when, code, took in outcomes if cut + 0.1 < when < restored - TIMEOUT_S]
+    after = [code for when, code, _ in outcomes if when > restored + 5]
+    assert before == {"OK"}
+    assert during and {code for code, _ in during} == {"UNAVAILABLE"}, during[:5]
+    assert max(took for _, took in during) < TIMEOUT_S + 1  # bounded by the embedder timeout
+    assert after and set(after) == {"OK"}, after[:10]

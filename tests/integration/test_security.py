@@ -1,0 +1,140 @@
+"""TLS on both endpoints, mutual TLS from the search service to the embedder,
+and bearer tokens on the search API: each with its positive and negative
+cases, on real processes. The certificates are made here (trustme)."""
+from __future__ import annotations
+
+import os
+
+import grpc
+import pytest
+import trustme
+
+from imagesearch.client import EmbedderClient, SearchClient, Security
+from imagesearch.health import status
+from imagesearch.security import channel_credentials
+from tests.services import imgsearch, start_embedder, start_search, status_of
+
+TOKENS = ("first-token-3f9a", "second-token-77c1")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1, a client certificate, and
+    a second CA that trusts none of them; all as PEM files."""
+    root = tmp_path_factory.mktemp("pki")
+    ca, stranger = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("search-service")
+    files = {"ca": ca.cert_pem, "stranger_ca": stranger.cert_pem,
+             "server_cert": server.cert_chain_pems[0], "server_key": server.private_key_pem,
+             "client_cert": client.cert_chain_pems[0], "client_key": client.private_key_pem}
+    paths = {}
+    for name, blob in files.items():
+        paths[name] = str(root / f"{name}.pem")
+        blob.write_to_path(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def secure_system(pki, tmp_path_factory):
+    """An embedder that requires client certificates, and a search service that
+    serves TLS, presents its client certificate and requires a token (one
+    from the environment, one from a file)."""
+    tmp = tmp_path_factory.mktemp("secure")
+    (tmp / "tokens").write_text(f"\n{TOKENS[1]}\n")
+    embedder = start_embedder(tmp, "--tls-cert", pki["server_cert"], "--tls-key", pki["server_key"],
+                              "--tls-client-ca", pki["ca"])
+    embedder.wait_ready(credentials=channel_credentials(pki["ca"], pki["client_cert"],
+                                                        pki["client_key"]))
+    search = start_search(tmp, embedder.address, "--tls-cert", pki["server_cert"],
+                          "--tls-key", pki["server_key"], "--embedder-tls-ca", pki["ca"],
+                          "--embedder-tls-cert", pki["client_cert"],
+                          "--embedder-tls-key", pki["client_key"],
+                          "--auth-token-file", str(tmp / "tokens"),
+                          env={"SEARCH_AUTH_TOKEN": TOKENS[0]})
+    search.wait_ready(credentials=channel_credentials(pki["ca"]))
+    yield embedder, search
+    assert search.stop() == 0 and embedder.stop() == 0
+    for token in TOKENS:  # never logged
+        assert token not in search.log() and token not in embedder.log()
+
+
+@pytest.mark.parametrize("token", TOKENS)
+def test_tls_and_a_valid_token_work(pki, secure_system, token):
+    _, search = secure_system
+    with SearchClient(search.address, security=Security(tls_ca=pki["ca"], token=token)) as client:
+        assert client.search_text("a photo of a red circle", top_k=3) == []  # empty, but answered
+        assert client.stats().collection == "images"
+
+
+@pytest.mark.parametrize("token", ["", "wrong-token", TOKENS[0] + "x", TOKENS[0][:-1]])
+def test_missing_or_wrong_token_is_unauthenticated(pki, secure_system, token):
+    _, search = secure_system
+    with SearchClient(search.address, security=Security(tls_ca=pki["ca"], token=token)) as client:
+        for call in (lambda: client.search_text("a red circle"), client.stats,
+                     lambda: list(client.ingest([]))):
+            error = status_of(call)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "authorization: Bearer TOKEN" in error.details()
+
+
+def test_a_token_needs_the_bearer_scheme(pki, secure_system):
+    _, search = secure_system
+    with grpc.secure_channel(search.address, channel_credentials(pki["ca"])) as channel:
+        from imagesearch.v1 import search_pb2, search_pb2_grpc
+        stub = search_pb2_grpc.ImageSearchStub(channel)
+        error = status_of(lambda: stub.GetStats(search_pb2.GetStatsRequest(), timeout=10,
+                                                metadata=(("authorization", f"Basic {TOKENS[0]}"),)))
+        assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_health_needs_no_token(pki, secure_system):
+    _, search = secure_system
+    assert status(search.address, credentials=channel_credentials(pki["ca"])) == "SERVING"
+
+
+def test_plaintext_or_an_untrusted_ca_cannot_connect(pki, secure_system):
+    embedder, search = secure_system
+    for address in (search.address, embedder.address):
+        assert status(address) == "UNREACHABLE"  # plaintext to a TLS port
+        assert status(address, credentials=channel_credentials(pki["stranger_ca"])) == "UNREACHABLE"
+    with SearchClient(search.address, timeout_s=5,
+                      security=Security(tls_ca=pki["stranger_ca"], token=TOKENS[0])) as client:
+        assert status_of(client.stats).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_embedder_refuses_a_client_without_a_certificate(pki, secure_system, tmp_path):
+    embedder, _ = secure_system
+    with EmbedderClient(embedder.address, timeout_s=5, security=Security(tls_ca=pki["ca"])) as client:
+        assert status_of(client.model_info).code() == grpc.StatusCode.UNAVAILABLE
+    with EmbedderClient(embedder.address, timeout_s=5, security=Security(
+            tls_ca=pki["ca"], tls_cert=pki["client_cert"], tls_key=pki["client_key"])) as client:
+        assert client.model_info().dim > 0
+    # A search service without a client certificate is not ready, and says why.
+    search = start_search(tmp_path, embedder.address, "--embedder-tls-ca", pki["ca"])
+    try:
+        search.wait_ready(service="liveness")
+        with SearchClient(search.address, timeout_s=10) as client:
+            error = status_of(lambda: client.search_text("a red circle"))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"embedder at {embedder.address} is unavailable" in error.details()
+        assert status(search.address) == "NOT_SERVING"
+    finally:
+        assert search.stop() == 0
+
+
+def test_cli_with_tls_and_a_token_from_the_environment(pki, secure_system):
+    _, search = secure_system
+    run = imgsearch(search.address, "--tls-ca", pki["ca"], "stats")
+    assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr and "IMGSEARCH_TOKEN" in run.stderr
+    env = {**os.environ, "IMGSEARCH_TOKEN": TOKENS[1]}
+    run = imgsearch(search.address, "--tls-ca", pki["ca"], "stats", env=env)
+    assert run.returncode == 0 and "collection images" in run.stdout, run.stderr
+    run = imgsearch(search.address, "--tls-ca", pki["ca"], "health")
+    assert run.returncode == 0 and "SERVING" in run.stdout
+
+
+def test_tokens_never_reach_a_command_line(secure_system):
+    _, search = secure_system
+    cmdline = open(f"/proc/{search.process.pid}/cmdline", "rb").read().decode()
+    assert not any(token in cmdline for token in TOKENS)
