@@ -78,6 +78,39 @@ class _Query:
         self.expr = filters.build(request.filter)
 
 
+class _ReadAhead:
+    """The ingest read-ahead: at most `max_items` requests and `max_bytes` of
+    image bytes (a larger single item still fits alone). One reader puts,
+    one consumer takes."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue(max_items)
+        self._bytes, self._max_bytes = 0, max_bytes
+        self._taken = asyncio.Event()
+
+    async def put(self, item, size: int = 0) -> None:
+        while self._bytes and self._bytes + size > self._max_bytes:
+            self._taken.clear()
+            await self._taken.wait()
+        self._bytes += size
+        await self._queue.put((item, size))
+
+    def _release(self, entry):
+        item, size = entry
+        self._bytes -= size
+        self._taken.set()
+        return item
+
+    async def get(self):
+        return self._release(await self._queue.get())
+
+    def get_nowait(self):
+        return self._release(self._queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+
 class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
     def __init__(self, store: MilvusStore, embedder: EmbedderClient, default_collection: str,
                  ingest_batch: int, max_message_bytes: int) -> None:
@@ -179,13 +212,13 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
     async def Ingest(self, request_iterator, context) -> AsyncIterator[Result]:
         """Read the stream ahead into a bounded queue (memory stays bounded: the
         client is throttled by gRPC flow control) and store it batch by batch."""
-        queue: asyncio.Queue = asyncio.Queue(maxsize=2 * self._batch_size)
+        queue = _ReadAhead(2 * self._batch_size, 2 * self._max_batch_bytes)
 
         async def read() -> None:
             index = 0
             try:
                 async for request in request_iterator:
-                    await queue.put((index, request))
+                    await queue.put((index, request), len(request.image))
                     index += 1
             except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message
                 await queue.put(InvalidArgument(f"request stream item {index}: {exc}"))
@@ -209,7 +242,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
         finally:
             reader.cancel()
 
-    async def _next_batch(self, queue: asyncio.Queue) -> tuple[list, bool]:
+    async def _next_batch(self, queue: "_ReadAhead") -> tuple[list, bool]:
         """Wait for one item, then take whatever else is already queued, up to
         the batch size and half the message limit in image bytes (so one
         embedder request never crosses it)."""

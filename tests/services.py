@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class Service:
             wait_serving(self.address, timeout_s, alive=lambda: self.process.poll() is None,
                          service=service, credentials=credentials)
         except Exception as exc:
+            self.process.kill()  # a server that never got ready must not outlive the test
+            self.process.wait()
             raise RuntimeError(f"{exc}; log:\n{self.log()}") from exc
         return self
 
@@ -84,6 +87,39 @@ def status_of(call, *args) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call(*args)
     return info.value
+
+
+class SearchLoad:
+    """Threads that search back to back, from `with` until its end. Each
+    outcome is kept as (start time, status name, seconds, details)."""
+
+    def __init__(self, address: str, threads: int = 2, collection: str = "") -> None:
+        self.outcomes: list[tuple[float, str, float, str]] = []
+        self._address, self._collection = address, collection
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        from imagesearch.client import SearchClient
+        with SearchClient(self._address, timeout_s=30) as client:
+            while not self._stop.is_set():
+                started, code, details = time.monotonic(), "OK", ""
+                try:
+                    client.search_text("a photo of a red circle", top_k=3, collection=self._collection)
+                except grpc.RpcError as exc:
+                    code, details = exc.code().name, exc.details()
+                self.outcomes.append((started, code, time.monotonic() - started, details))
+                time.sleep(0.05)
+
+    def __enter__(self) -> "SearchLoad":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
 
 
 def imgsearch(server: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import pytest
 
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
-from tests.services import photo, start_search, status_of
+from tests.services import SearchLoad, photo, start_search, status_of
 
 MILVUS_TIMEOUT_S = 10  # the default --milvus-timeout-s
 DOWN_BUDGET_S = 3.0  # "fail fast" while Milvus is down: well under that timeout
@@ -37,22 +37,7 @@ def backend(request, tmp_path):
     return ["--milvus-uri", request.getfixturevalue("milvus_server").uri]
 
 
-def search_load(address: str, stop: threading.Event, outcomes: list) -> None:
-    """Searches back to back until `stop`; (start, status, seconds) of each."""
-    with SearchClient(address, timeout_s=30) as client:
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                client.search_text("a red circle", top_k=5, collection="kill_milvus")
-                code = "OK"
-            except grpc.RpcError as exc:
-                code = exc.code().name
-            outcomes.append((started, code, time.monotonic() - started))
-            time.sleep(0.05)
-
-
 def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, tmp_path):
-    stop, outcomes = threading.Event(), []
     service = start_search(tmp_path, embedder_service.address, "--milvus-uri", milvus_server.uri,
                            "--milvus-timeout-s", str(MILVUS_TIMEOUT_S)).wait_ready()
     try:
@@ -61,54 +46,51 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
                      if r.status == IngestResult.INSERTED]
             assert len(acked) == 40
 
-            load = threading.Thread(target=search_load, args=(service.address, stop, outcomes))
-            load.start()
-            time.sleep(1)
-            milvus_server.kill()
-            calls = {
-                "SearchByText": lambda: client.search_text("a red circle", collection="kill_milvus"),
-                "SearchByImage": lambda: client.search_image(photo(), collection="kill_milvus"),
-                "GetStats": lambda: client.stats("kill_milvus"),
-                "Delete": lambda: client.delete(["0" * 64], collection="kill_milvus"),
-                "Ingest": lambda: list(client.ingest(items_of(images[40:42]), collection="kill_milvus")),
-            }
-            for name, call in calls.items():
-                started = time.monotonic()
-                error = status_of(call)
-                assert time.monotonic() - started < DOWN_BUDGET_S, name
-                assert error.code() == grpc.StatusCode.UNAVAILABLE, (name, error.details())
-                assert f"Milvus at {milvus_server.uri} is unavailable" in error.details(), name
-            assert service.process.poll() is None
+            with SearchLoad(service.address, collection="kill_milvus") as load:
+                time.sleep(1)
+                milvus_server.kill()
+                calls = {
+                    "SearchByText": lambda: client.search_text("a red circle", collection="kill_milvus"),
+                    "SearchByImage": lambda: client.search_image(photo(), collection="kill_milvus"),
+                    "GetStats": lambda: client.stats("kill_milvus"),
+                    "Delete": lambda: client.delete(["0" * 64], collection="kill_milvus"),
+                    "Ingest": lambda: list(client.ingest(items_of(images[40:42]),
+                                                         collection="kill_milvus")),
+                }
+                for name, call in calls.items():
+                    started = time.monotonic()
+                    error = status_of(call)
+                    assert time.monotonic() - started < DOWN_BUDGET_S, name
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, (name, error.details())
+                    assert f"Milvus at {milvus_server.uri} is unavailable" in error.details(), name
+                assert service.process.poll() is None
 
-            restarted = time.monotonic()
-            milvus_server.restart().wait_ready()
-            seen = set()  # every status on the way back must say "retry"
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    stats = client.stats("kill_milvus")
-                    hits = client.search_text("a red circle", top_k=100, collection="kill_milvus")
-                    break
-                except grpc.RpcError as exc:
-                    seen.add((exc.code(), re.sub(r"\d+", "N", exc.details())[:200]))
-                    assert time.monotonic() < deadline, seen
-                    time.sleep(0.5)
-            assert {code for code, _ in seen} <= {grpc.StatusCode.UNAVAILABLE}, seen
-            assert stats.count == 40 and {h.id for h in hits} == set(acked)
-            time.sleep(1)
-            stop.set()
-            load.join(30)
-            recovered = time.monotonic()
+                restarted = time.monotonic()
+                milvus_server.restart().wait_ready()
+                seen = set()  # every status on the way back must say "retry"
+                deadline = time.monotonic() + 180
+                while True:
+                    try:
+                        stats = client.stats("kill_milvus")
+                        hits = client.search_text("a red circle", top_k=100, collection="kill_milvus")
+                        break
+                    except grpc.RpcError as exc:
+                        seen.add((exc.code(), re.sub(r"\d+", "N", exc.details())[:200]))
+                        assert time.monotonic() < deadline, seen
+                        time.sleep(0.5)
+                assert {code for code, _ in seen} <= {grpc.StatusCode.UNAVAILABLE}, seen
+                assert stats.count == 40 and {h.id for h in hits} == set(acked)
+                recovered = time.monotonic()
+                time.sleep(1)
             # Under load the whole time: every failure was UNAVAILABLE; fast while
             # Milvus was down; while it recovered (up, not ready) bounded by the
             # Milvus timeout of the two calls a search makes at most; and the
             # load's own searches succeed again once Milvus is back.
-            failures = [(when, code, took) for when, code, took in outcomes if code != "OK"]
+            failures = [(when, code, took) for when, code, took, _ in load.outcomes if code != "OK"]
             assert failures and {code for _, code, _ in failures} == {"UNAVAILABLE"}
             assert max(took for when, _, took in failures if when + took < restarted) < DOWN_BUDGET_S
             assert max(took for _, _, took in failures) < 2 * MILVUS_TIMEOUT_S + 1
-            assert [code for when, code, _ in outcomes if when > recovered - 1] == \
-                ["OK"] * len([1 for when, _, _ in outcomes if when > recovered - 1])
+            assert {code for when, code, _, _ in load.outcomes if when > recovered} == {"OK"}
             # Read-your-writes on the recovered server.
             more = list(client.ingest(items_of(images[40:45]), collection="kill_milvus"))
             assert [r.status for r in more] == [IngestResult.INSERTED] * 5

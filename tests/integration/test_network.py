@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 import time
 
-import grpc
 import pytest
 
-from imagesearch.client import SearchClient
-from tests.services import start_embedder, start_search
+from tests.services import SearchLoad, start_embedder, start_search
 
 TIMEOUT_S = 2.0  # the search service's --embedder-timeout-s here
 
@@ -45,40 +42,22 @@ def test_network_cut_and_restored(netns, tmp_path):
     name, host_if, address = netns
     embedder = start_embedder(tmp_path, host=address, prefix=["ip", "netns", "exec", name]).wait_ready()
     search = start_search(tmp_path, embedder.address, "--embedder-timeout-s", str(TIMEOUT_S)).wait_ready()
-    outcomes: list[tuple[float, str, float]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with SearchClient(search.address, timeout_s=30) as client:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    client.search_text("a photo of a red circle", top_k=3)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                outcomes.append((started, code, time.monotonic() - started))
-                time.sleep(0.05)
-    workers = [threading.Thread(target=load) for _ in range(2)]
     try:
-        for worker in workers:
-            worker.start()
-        time.sleep(1)
-        ip("link", "set", host_if, "down")
-        cut = time.monotonic()
-        time.sleep(6)
-        ip("link", "set", host_if, "up")
-        restored = time.monotonic()
-        time.sleep(8)
+        with SearchLoad(search.address) as load:
+            time.sleep(1)
+            ip("link", "set", host_if, "down")
+            cut = time.monotonic()
+            time.sleep(6)
+            ip("link", "set", host_if, "up")
+            restored = time.monotonic()
+            time.sleep(8)
     finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
         assert search.stop() == 0
         embedder.stop()
-    before = {code for when, code, took in outcomes if when + took < cut}
-    during = [(code, took) for when, code, took in outcomes if cut + 0.1 < when < restored - TIMEOUT_S]
-    after = [code for when, code, _ in outcomes if when > restored + 5]
+    outcomes = load.outcomes
+    before = {code for when, code, took, _ in outcomes if when + took < cut}
+    during = [(code, took) for when, code, took, _ in outcomes if cut + 0.1 < when < restored - TIMEOUT_S]
+    after = [code for when, code, _, _ in outcomes if when > restored + 5]
     assert before == {"OK"}
     assert during and {code for code, _ in during} == {"UNAVAILABLE"}, during[:5]
     assert max(took for _, took in during) < TIMEOUT_S + 1  # bounded by the embedder timeout

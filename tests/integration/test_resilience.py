@@ -18,7 +18,7 @@ import pytest
 
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
-from tests.services import ROOT, photo, start_embedder, start_search
+from tests.services import ROOT, SearchLoad, photo, start_embedder, start_search
 
 PHOTOS = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
 
@@ -105,43 +105,24 @@ def test_sigterm_mid_ingest_loses_no_acknowledged_item(embedder_service, images,
 def test_embedder_killed_under_search_load(tmp_path):
     embedder = start_embedder(tmp_path).wait_ready()
     search = start_search(tmp_path, embedder.address).wait_ready()
-    outcomes: list[tuple[float, str, float]] = []  # (when, code, latency)
-    stop = threading.Event()
-
-    def load() -> None:
-        with SearchClient(search.address, timeout_s=10) as client:
-            while not stop.is_set():
-                started = time.monotonic()
-                try:
-                    client.search_text("a photo of a red circle", top_k=3)
-                    code = "OK"
-                except grpc.RpcError as exc:
-                    code = exc.code().name
-                    if code == "UNAVAILABLE":
-                        assert "embedder at" in exc.details()
-                outcomes.append((started, code, time.monotonic() - started))
-                time.sleep(0.02)
-    workers = [threading.Thread(target=load) for _ in range(4)]
     try:
-        for worker in workers:
-            worker.start()
-        time.sleep(1)
-        embedder.process.send_signal(signal.SIGKILL)
-        embedder.process.wait()
-        killed = time.monotonic()
-        time.sleep(2)
-        embedder = start_embedder(tmp_path, port=embedder.port).wait_ready()
-        back = time.monotonic()
-        time.sleep(2)
+        with SearchLoad(search.address, threads=4) as load:
+            time.sleep(1)
+            embedder.process.send_signal(signal.SIGKILL)
+            embedder.process.wait()
+            killed = time.monotonic()
+            time.sleep(2)
+            embedder = start_embedder(tmp_path, port=embedder.port).wait_ready()
+            back = time.monotonic()
+            time.sleep(2)
     finally:
-        stop.set()
-        for worker in workers:
-            worker.join(30)
         search.stop()
         embedder.stop()
-    during = [(code, took) for when, code, took in outcomes if killed + 0.2 < when < back - 0.2]
-    after = [code for when, code, _ in outcomes if when > back + 1.5]
+    during = [(code, took) for when, code, took, _ in load.outcomes if killed + 0.2 < when < back - 0.2]
+    after = [code for when, code, _, _ in load.outcomes if when > back + 1.5]
     assert {code for code, _ in during} == {"UNAVAILABLE"}, during[:5]
+    assert all("embedder at" in details for _, code, _, details in load.outcomes
+               if code == "UNAVAILABLE")
     assert max(took for _, took in during) < 1.0  # fast, not a timeout
     assert after and set(after) == {"OK"}, after[:5]
 
