@@ -6,8 +6,10 @@ flat memory are the pass mark.
 
 It starts an embedder and a search service (Milvus Lite in a temporary
 directory), ingests a seed set, measures capacity with a closed loop of the
-mix (70% SearchByText, 20% SearchByImage, 10% one-image Ingest of a new
-image), then sends the mix open-loop at `--load` (0.8) of that rate.
+mix (70% SearchByText, 20% SearchByImage, 5% one-image Ingest of a new
+image, 5% Delete of the oldest of those, so the collection keeps its size:
+Milvus Lite searches exactly, so a growing collection would slow every
+search), then sends the mix open-loop at `--load` (0.8) of that rate.
 It samples both processes' RSS every second and prints JSON: calls and
 errors by status, p50/p99 latency, and RSS growth from the end of the
 warm-up to the end. tests/integration/test_soak.py runs a short version.
@@ -20,7 +22,7 @@ import random
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,30 +44,36 @@ def rss(pid: int) -> int:
 
 
 class Mix:
-    """The soak's calls: 70% SearchByText, 20% SearchByImage, 10% Ingest of a
-    new image; each outcome counted by status code, with its latency."""
+    """The soak's calls: 70% SearchByText, 20% SearchByImage, 5% Ingest of a
+    new image, 5% Delete of the oldest image the soak ingested (so the
+    collection keeps its size, and with it the cost of a search); each
+    outcome counted by status code, with its latency."""
 
     def __init__(self, address: str, seed: int = 0) -> None:
         self.address = address
         self._rng = random.Random(seed)
         self._photos = make_jpegs(8, seed=seed)
         self._fresh = iter(range(10**9))
+        self._ingested: deque[str] = deque()  # ids the soak added, oldest first
         self._lock = threading.Lock()
         self.codes: Counter = Counter()
         self.latencies: list[float] = []
 
     def call(self, client: SearchClient) -> None:
-        kind = self._rng.choices(["text", "image", "ingest"], [7, 2, 1])[0]
+        kind = self._rng.choices(["text", "image", "ingest", "delete"], [14, 4, 1, 1])[0]
         begin = time.monotonic()
         try:
             if kind == "text":
                 client.search_text(self._rng.choice(QUERIES), top_k=10)
             elif kind == "image":
                 client.search_image(self._rng.choice(self._photos), top_k=10)
-            else:
+            elif kind == "ingest":
                 [result] = client.ingest([IngestItem(unique(self._photos[0], next(self._fresh)),
                                                      "soak")])
                 assert result.error == "", result.error
+                self._ingested.append(result.id)
+            elif self._ingested:
+                client.delete([self._ingested.popleft()])
             code = "OK"
         except grpc.RpcError as exc:
             code = exc.code().name

@@ -1,5 +1,5 @@
 """The short soak CI runs (bench/soak.py has the long one): mixed search,
-image search and ingest at 80% of the measured capacity for 25 s after
+image search, ingest and delete at 80% of the measured capacity for 25 s after
 10 s of warm-up; no call fails and neither process's RSS grows 10%."""
 from __future__ import annotations
 
