@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -120,6 +122,29 @@ class SearchLoad:
         self._stop.set()
         for thread in self._threads:
             thread.join(60)
+
+
+def scrape(service: "Service") -> dict[str, float]:
+    """The service's metrics as {'name{label="v",...}': value}."""
+    return scrape_url(service.metrics_url)
+
+
+def scrape_url(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The sum of `name` over the samples whose labels include `labels`."""
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
+        if base == name and labels.items() <= found.items():
+            total += value
+    return total
 
 
 def imgsearch(server: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:

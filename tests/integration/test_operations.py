@@ -7,7 +7,6 @@ import re
 import signal
 import threading
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -20,26 +19,7 @@ from imagesearch.client import IngestItem, SearchClient
 from imagesearch.health import status
 from imagesearch.serving import LIVENESS
 from imagesearch.v1 import search_pb2, search_pb2_grpc
-from tests.services import photo, start_embedder, start_search, status_of
-
-
-def scrape(service) -> dict[str, float]:
-    """The service's metrics as {'name{label="v",...}': value}."""
-    with urllib.request.urlopen(service.metrics_url, timeout=10) as response:
-        text = response.read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line and not line.startswith("#")}
-
-
-def metric(samples: dict[str, float], name: str, **labels: str) -> float:
-    """The sum of `name` over the samples whose labels include `labels`."""
-    total = 0.0
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        found = dict(re.findall(r'(\w+)="([^"]*)"', rest))
-        if base == name and labels.items() <= found.items():
-            total += value
-    return total
+from tests.services import metric, photo, scrape, start_embedder, start_search, status_of
 
 
 @pytest.fixture(scope="module")

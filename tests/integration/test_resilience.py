@@ -18,7 +18,7 @@ import pytest
 
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
-from tests.services import ROOT, SearchLoad, photo, start_embedder, start_search
+from tests.services import ROOT, SearchLoad, metric, photo, scrape, start_embedder, start_search
 
 PHOTOS = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
 
@@ -132,8 +132,6 @@ def test_caller_deadline_reaches_the_embedder_and_costs_no_model_time(tmp_path):
     in the embedder's queue: the embedder answers DEADLINE_EXCEEDED itself
     (it got the caller's deadline, not the search service's 30 s) and runs
     no forward pass for it."""
-    from tests.integration.test_operations import metric, scrape
-
     embedder = start_embedder(tmp_path, "--batch-wait-ms", "500").wait_ready()
     search = start_search(tmp_path, embedder.address).wait_ready()
     try:
