@@ -200,24 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else \
             os.environ.get("IMGSEARCH_TOKEN", "")
-    except OSError as exc:
-        print(f"error: cannot read the token file: {exc}", file=sys.stderr)
-        return 2
-    args.security = Security(args.tls_ca, args.tls_cert, args.tls_key, token)
-    with SearchClient(args.server, timeout_s=args.timeout, security=args.security) as client:
-        try:
+        args.security = Security(args.tls_ca, args.tls_cert, args.tls_key, token)
+        with SearchClient(args.server, timeout_s=args.timeout, security=args.security) as client:
             return args.run(client, args)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                print(f"is the search service running at {args.server}? (--server HOST:PORT; "
-                      "--tls-ca if it serves TLS)", file=sys.stderr)
-            elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                print("set IMGSEARCH_TOKEN or pass --token-file", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            print(f"is the search service running at {args.server}? (--server HOST:PORT; "
+                  "--tls-ca if it serves TLS)", file=sys.stderr)
+        elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            print("set IMGSEARCH_TOKEN or pass --token-file", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:  # e.g. an unreadable file, token or certificate
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -135,7 +135,11 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 def start_metrics(port: int, host: str) -> None:
     """Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: off)."""
     if port:
-        start_http_server(port, addr=host)
+        try:
+            start_http_server(port, addr=host)
+        except OSError as exc:
+            raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                             "pick another --metrics-port, or 0 to turn metrics off") from exc
         log.info("metrics on http://%s:%d/metrics", host, port)
 
 

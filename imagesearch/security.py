@@ -24,11 +24,15 @@ AUTH_HEADER = "authorization"
 _OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 
+class SecurityConfigError(ValueError):
+    """A certificate, key or token file that cannot be used; the message says which."""
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
-        raise SystemExit(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
+        raise SecurityConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
 
 
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
@@ -43,7 +47,7 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.Cha
     """Trust the server through `ca` (the system roots when empty); present
     `cert` and `key` for mutual TLS when both are given."""
     if bool(cert) != bool(key):
-        raise SystemExit("give both a client certificate and its key, or neither")
+        raise SecurityConfigError("give both a client certificate and its key, or neither")
     return grpc.ssl_channel_credentials(
         root_certificates=_read(ca, "CA") if ca else None,
         private_key=_read(key, "client key") if key else None,

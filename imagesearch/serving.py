@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from imagesearch.flags import ServerConfig
 from imagesearch.observability import RpcInterceptor, start_metrics
-from imagesearch.security import TokenAuthInterceptor, server_credentials
+from imagesearch.security import SecurityConfigError, TokenAuthInterceptor, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,11 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
 
     await set_ready(False)
     if config.tls_cert:
-        port = server.add_secure_port(config.address, server_credentials(
-            config.tls_cert, config.tls_key, config.tls_client_ca))
+        try:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        except SecurityConfigError as exc:
+            raise SystemExit(f"{name}: {exc}") from exc
+        port = server.add_secure_port(config.address, credentials)
     else:
         port = server.add_insecure_port(config.address)
     if port == 0:
@@ -99,7 +102,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
 
     if ready is not None:
         await ready()
-    log.info("%s listening on %s (%s%s)", name, config.address,
+    log.info("%s listening on %s:%d (%s%s)", name, config.host, port,
              "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
              ", token required" if tokens else "")
     watcher = None

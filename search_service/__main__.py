@@ -8,7 +8,7 @@ import sys
 
 from imagesearch import tracing
 from imagesearch.observability import setup_logging
-from imagesearch.security import channel_credentials, load_tokens
+from imagesearch.security import SecurityConfigError, channel_credentials, load_tokens
 from imagesearch.serving import serve
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service.config import SearchConfig, parse_config
@@ -23,9 +23,13 @@ log = logging.getLogger("search_service")
 
 async def run(config: SearchConfig, store: MilvusStore) -> None:
     credentials = None
-    if config.embedder_tls_ca or config.embedder_tls_cert:
-        credentials = channel_credentials(config.embedder_tls_ca, config.embedder_tls_cert,
-                                          config.embedder_tls_key)
+    try:
+        if config.embedder_tls_ca or config.embedder_tls_cert:
+            credentials = channel_credentials(config.embedder_tls_ca, config.embedder_tls_cert,
+                                              config.embedder_tls_key)
+        tokens = load_tokens("SEARCH_AUTH_TOKEN", config.auth_token_file)
+    except SecurityConfigError as exc:
+        raise SystemExit(f"search: {exc}") from exc
     embedder = EmbedderClient(config.embedder, config.embedder_timeout_s,
                               config.max_message_mb << 20, credentials)
     servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch,
@@ -37,7 +41,7 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
                     register=lambda server: search_pb2_grpc.add_ImageSearchServicer_to_server(
                         servicer, server),
                     watch=lambda: watch_dependencies(servicer.dependency_problems),
-                    tokens=load_tokens("SEARCH_AUTH_TOKEN", config.auth_token_file))
+                    tokens=tokens)
     finally:
         startup_check.cancel()
         await embedder.close()

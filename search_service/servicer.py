@@ -31,7 +31,7 @@ MAX_METADATA_BYTES = 65536  # Milvus's limit for one JSON value
 _COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _END = object()  # end of the ingest request stream
-_PROBE_TIMEOUT_S = 2.0  # a dependency slower than this to answer a health check is down
+_PROBE_TIMEOUT_S = 2.0  # an embedder slower than this to answer a health check is down
 _MILVUS_THREADS = 8  # concurrent Milvus calls; a slow one does not hold up the rest
 
 Result = search_pb2.IngestResult
@@ -133,14 +133,16 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
         except ServiceError as exc:
             log.error("default collection %r: %s", self._default_collection, exc)
 
-    async def dependency_problems(self) -> list[str]:
-        """Why the service cannot serve now; empty when the embedder and Milvus answer."""
-        problems = []
-        for check in (self._embedder.check(_PROBE_TIMEOUT_S), self._milvus(self._store.ping)):
+    async def dependency_problems(self) -> dict[str, str]:
+        """Why the service cannot serve now, by dependency ("embedder",
+        "milvus"); empty when both answer."""
+        problems = {}
+        for name, check in (("embedder", self._embedder.check(_PROBE_TIMEOUT_S)),
+                            ("milvus", self._milvus(self._store.ping))):
             try:
                 await check
             except ServiceError as exc:
-                problems.append(str(exc))
+                problems[name] = str(exc)
         return problems
 
     def _collection(self, name: str) -> str:

@@ -16,7 +16,8 @@ efConstruction and search ef; Milvus Lite builds what it supports for
 AUTOINDEX (an exact, flat search). Writes are cut into requests of at most
 `max_write_bytes`, below the server's gRPC message limit.
 
-The client connects lazily and reconnects after a failure, so the service
+The client connects lazily, on each call until a connection succeeds (and
+pymilvus reconnects an established client by itself), so the service
 starts, and recovers, without a restart while Milvus is down; each call is
 bounded by `timeout_s`. Calls are synchronous (pymilvus); the servicer runs
 them on worker threads.
@@ -30,8 +31,8 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from pymilvus import DataType, MilvusClient, MilvusException
 from prometheus_client import Histogram
+from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
 
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
