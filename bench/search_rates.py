@@ -27,6 +27,7 @@ import numpy as np
 
 from bench.photos import make_jpegs
 from bench.random_clip import write as write_random_clip
+from bench.report import emit
 from imagesearch.client import IngestItem, SearchClient
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 
@@ -163,10 +164,7 @@ def main() -> None:
                 search.stop()
             embedder.stop()
             milvus.stop()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ warm-up to the end. tests/integration/test_soak.py runs a short version.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import threading
@@ -30,6 +29,7 @@ import grpc
 import numpy as np
 
 from bench.photos import make_jpegs, unique
+from bench.report import emit
 from imagesearch.client import IngestItem, SearchClient
 
 QUERIES = [f"a photo of a {c} {s}" for c in ("red", "blue", "green", "white")
@@ -156,10 +156,7 @@ def main() -> None:
         finally:
             search.stop()
             embedder.stop()
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imagesearch.health import status
-from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2
 from tests.unit.test_fuzz import filters, mutated_images
 
 RPC_FUZZ = settings(max_examples=60, deadline=None,

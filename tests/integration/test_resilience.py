@@ -18,7 +18,7 @@ import pytest
 
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
-from tests.services import ROOT, SearchLoad, metric, photo, scrape, start_embedder, start_search
+from tests.services import ROOT, SearchLoad, metric, scrape, start_embedder, start_search
 
 PHOTOS = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
 
