@@ -44,6 +44,7 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
                     tokens=tokens)
     finally:
         startup_check.cancel()
+        await asyncio.get_running_loop().run_in_executor(None, servicer.close)
         await embedder.close()
 
 

@@ -133,6 +133,11 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
         except ServiceError as exc:
             log.error("default collection %r: %s", self._default_collection, exc)
 
+    def close(self) -> None:
+        """Let in-flight Milvus calls finish, and start no more: Milvus Lite
+        runs inside this process and must not stop under a call."""
+        self._milvus_thread.shutdown(wait=True, cancel_futures=True)
+
     async def dependency_problems(self) -> dict[str, str]:
         """Why the service cannot serve now, by dependency ("embedder",
         "milvus"); empty when both answer."""
