@@ -112,6 +112,7 @@ class MilvusStore:
         self._max_write_bytes = max_write_bytes
         self._client: MilvusClient | None = None
         self._connect_lock = threading.Lock()
+        self._open_lock = threading.Lock()
         # What is known of each collection, so each is checked once per process.
         self._loaded: set[str] = set()
         self._matched: set[tuple[str, ModelIdentity]] = set()  # (collection, model) that match
@@ -155,7 +156,14 @@ class MilvusStore:
 
     def open(self, name: str, model: ModelIdentity | None = None, create: bool = False) -> None:
         """Make sure `name` exists (created for `model` if `create`) and is
-        loaded and, when `model` is given, that it was built with that model."""
+        loaded and, when `model` is given, that it was built with that model.
+        One caller at a time: two first requests must not both create it."""
+        if name in self._loaded and (model is None or (name, model) in self._matched):
+            return
+        with self._open_lock:
+            self._open(name, model, create)
+
+    def _open(self, name: str, model: ModelIdentity | None, create: bool) -> None:
         if name not in self._loaded:
             if not self._call("list collections", "has_collection", name):
                 if not (create and model):
