@@ -84,12 +84,13 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
                 time.sleep(1)
             # Under load the whole time: every failure was UNAVAILABLE; fast while
             # Milvus was down; while it recovered (up, not ready) bounded by the
-            # Milvus timeout of the two calls a search makes at most; and the
+            # Milvus timeout of three calls (a search may wait for another
+            # caller's collection open, then make its own two); and the
             # load's own searches succeed again once Milvus is back.
             failures = [(when, code, took) for when, code, took, _ in load.outcomes if code != "OK"]
             assert failures and {code for _, code, _ in failures} == {"UNAVAILABLE"}
             assert max(took for when, _, took in failures if when + took < restarted) < DOWN_BUDGET_S
-            assert max(took for _, _, took in failures) < 2 * MILVUS_TIMEOUT_S + 1
+            assert max(took for _, _, took in failures) < 3 * MILVUS_TIMEOUT_S + 1
             assert {code for when, code, _, _ in load.outcomes if when > recovered} == {"OK"}
             # Read-your-writes on the recovered server.
             more = list(client.ingest(items_of(images[40:45]), collection="kill_milvus"))
