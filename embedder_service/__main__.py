@@ -9,6 +9,7 @@ import torch
 from prometheus_client import Gauge
 
 from embedder_service.config import parse_config
+from embedder_service.device_images import DeviceDecodeUnavailable
 from embedder_service.model import ClipEncoder, ModelLoadError
 from embedder_service.servicer import EmbedderServicer
 from imagesearch import tracing
@@ -27,12 +28,17 @@ def main(argv: list[str] | None = None) -> None:
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     try:
-        encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size)
+        encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size,
+                              cuda_graphs=config.cuda_graphs)
     except ModelLoadError as exc:
         log.error("%s", exc)
         sys.exit(2)
     MODEL_LOAD.set(encoder.load_seconds)
-    servicer = EmbedderServicer(encoder, config)
+    try:
+        servicer = EmbedderServicer(encoder, config)
+    except DeviceDecodeUnavailable as exc:
+        log.error("--image-decode gpu: %s", exc)
+        sys.exit(2)
     service_name = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
     asyncio.run(serve(
         config, name="embedder", service_names=[service_name],

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from imagesearch.flags import EnvArgumentParser, ServerConfig, positive_int
+from imagesearch.flags import EnvArgumentParser, ServerConfig, boolean, positive_int
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 
@@ -20,6 +20,8 @@ class EmbedderConfig(ServerConfig):
     max_queue: int
     preprocess_workers: int
     preprocess_mode: str
+    image_decode: str
+    cuda_graphs: bool
     torch_threads: int
     max_image_pixels: int
 
@@ -56,6 +58,16 @@ def build_parser() -> EnvArgumentParser:
                help="run the preprocess workers as threads, or as processes (no GIL: scales "
                     "further on many cores, costs memory and a copy per image); auto is "
                     "process on CUDA, where decoding is the bottleneck, else thread")
+    p.env_flag("--image-decode", default="auto", choices=["auto", "cpu", "gpu"],
+               help="where JPEGs are decoded and resized: gpu uses nvJPEG (torchvision) and "
+                    "resizes on the device, for baseline RGB JPEGs that need no rotation (the "
+                    "rest still go to the CPU workers); cpu is Pillow, pixel-exact with "
+                    "transformers. auto is gpu when CUDA and torchvision with nvJPEG are "
+                    "present, else cpu")
+    p.env_flag("--cuda-graphs", default=True, type=boolean,
+               help="on CUDA, replay text encoding from CUDA graphs captured at start-up (one "
+                    "per batch and length bucket), so single queries are not launch-bound "
+                    "(true or false; ignored on CPU)")
     p.env_flag("--torch-threads", default=0, type=int,
                help="CPU threads torch may use for one forward pass; 0 keeps torch's default "
                     "(all cores). Lower it when other busy processes share the cores")

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, CLIPModel
 
 from embedder_service.preprocess import Preprocessor
+from embedder_service.text_graphs import TextGraphs
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,12 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
 
 class ClipEncoder:
     """A CLIP model on one device: texts and preprocessed image crops in,
-    L2-normalised float32 vectors out. Not thread-safe: call from one thread."""
+    L2-normalised float32 vectors out. Not thread-safe: call from one thread.
+    On CUDA, texts run through captured graphs (text_graphs.py) unless
+    `cuda_graphs` is off or capturing fails."""
 
     def __init__(self, name: str, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, cuda_graphs: bool = True) -> None:
         self.device, self.dtype = resolve_device(device, dtype)
         self.batch_size = batch_size
         started = time.perf_counter()
@@ -93,9 +96,28 @@ class ClipEncoder:
         self.info = ModelInfo(name=name, dim=int(model.config.projection_dim),
                               device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                               fingerprint=fingerprint, max_text_tokens=self.max_text_tokens)
+        self.text_graphs = self._capture_text_graphs() if cuda_graphs else None
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s in %.1f s: dim %d on %s/%s, fingerprint %s", name, self.load_seconds,
                  self.info.dim, self.info.device, self.info.dtype, fingerprint)
+
+    def _text_vectors(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Normalised vectors of padded ids with no attention mask (see text_graphs.py)."""
+        features = _features(self.model.get_text_features(input_ids=input_ids)).float()
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def _capture_text_graphs(self) -> TextGraphs | None:
+        if self.device.type != "cuda":
+            return None
+        pad_id = self.tokenizer.pad_token_id
+        try:
+            return TextGraphs(self._text_vectors, device=self.device, max_batch=self.batch_size,
+                              max_tokens=self.max_text_tokens,
+                              pad_id=self.tokenizer.eos_token_id if pad_id is None else pad_id)
+        except Exception as exc:  # noqa: BLE001 - e.g. a transformers version that syncs mid-forward
+            log.warning("text CUDA graphs could not be captured (%s: %s); texts run eagerly",
+                        type(exc).__name__, exc)
+            return None
 
     @torch.inference_mode()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -105,20 +127,33 @@ class ClipEncoder:
             chunk = [text[:self.max_text_chars] for text in texts[start:start + self.batch_size]]
             tokens = self.tokenizer(chunk, padding=True,
                                     truncation=True, max_length=self.max_text_tokens,
-                                    return_tensors="pt").to(self.device)
+                                    return_tensors="pt")
+            if self.text_graphs is not None:
+                chunks.append(self.text_graphs.run(tokens["input_ids"]))
+                continue
+            tokens = tokens.to(self.device)
             chunks.append(self._normalised(_features(self.model.get_text_features(
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]))))
         return np.concatenate(chunks)
 
+    def _on_device(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(crops, np.ndarray):  # (N, H, W, 3) from the CPU workers
+            return torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2)
+        if crops.is_cuda:  # made on a decoder thread's stream: keep its memory until we are done
+            crops.record_stream(torch.cuda.current_stream(crops.device))
+        return crops
+
     @torch.inference_mode()
-    def encode_images(self, crops: np.ndarray) -> np.ndarray:
-        """(N, dim) vectors from (N, H, W, 3) uint8 crops made by `preprocessor.crop`.
-        Rescale and normalise happen here, on the device, through the
-        preprocessor's own lookup table: the same float32 values as on the CPU."""
+    def encode_images(self, parts: list[np.ndarray | torch.Tensor]) -> np.ndarray:
+        """(N, dim) vectors from uint8 crops, in order: (n, H, W, 3) arrays made
+        by `preprocessor.crop` or (n, 3, H, W) device tensors made by
+        device_images.py. Rescale and normalise happen here, on the device,
+        through the preprocessor's own lookup table: the same float32 values
+        as on the CPU."""
+        crops = torch.cat([self._on_device(part) for part in parts])
         chunks = []
         for start in range(0, len(crops), self.batch_size):
-            raw = torch.from_numpy(crops[start:start + self.batch_size]).to(self.device)
-            raw = raw.permute(0, 3, 1, 2).long()
+            raw = crops[start:start + self.batch_size].long()
             pixels = torch.stack([self._lut[c][raw[:, c]] for c in range(3)], dim=1)
             features = self.model.get_image_features(pixel_values=pixels.to(self.dtype))
             chunks.append(self._normalised(_features(features)))

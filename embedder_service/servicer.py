@@ -1,29 +1,37 @@
 """The imagesearch.v1.Embedder gRPC servicer.
 
-The event loop only validates and answers; image decoding runs on a thread
-pool (Pillow releases the GIL); texts and pixels go through one dynamic
-batcher each, and the model runs on one dedicated thread so that forward
-passes never interleave.
+The event loop only validates and answers. Images are decoded off it: JPEGs
+the GPU decoder takes (device_images.py) on two decode threads with their
+own CUDA streams, everything else in the preprocess pool (threads or
+processes). Texts and pixels go through one dynamic batcher each, and the
+model runs on one dedicated thread so that forward passes never interleave.
 """
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+from PIL import Image
 from prometheus_client import Gauge
 
 from embedder_service.batcher import Batcher, Expired, QueueFull
 from embedder_service.config import EmbedderConfig
+from embedder_service.device_images import DeviceDecodeUnavailable, DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.workers import CHUNK, make_pool, prepare
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 DECODING = Gauge("embedder_decoding_items",
                  "Image items admitted and being decoded; they count against --max-queue")
 
 _MAX_LISTED = 10  # bad items named in one error message
+_DECODE_THREADS = 2  # GPU decode calls in flight: one decodes while the other's crops are used
 
 
 def _bad_items_message(kind: str, bad: list[tuple[int, str]]) -> str:
@@ -42,7 +50,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self.texts = Batcher("text", lambda payloads: encoder.encode_texts(
             [text for texts in payloads for text in texts]), self._model_thread, **limits)
         self.images = Batcher("image", lambda payloads: encoder.encode_images(
-            np.concatenate(payloads)), self._model_thread, **limits)
+            [part for parts in payloads for part in parts]), self._model_thread, **limits)
         self._decoding = 0  # image items admitted and being decoded
         DECODING.set_function(lambda: self._decoding)
         mode = config.preprocess_mode
@@ -50,11 +58,29 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             mode = "process" if encoder.device.type == "cuda" else "thread"
         self._preprocess_pool = make_pool(mode, config.preprocess_workers,
                                           encoder.preprocessor, config.max_image_pixels)
+        self._jpeg_decoder = self._device_decoder(config.image_decode)
+        self._decode_threads = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gpu-decode")
         info = encoder.info
         self._info = embedder_pb2.ModelInfo(
             name=info.name, dim=info.dim, device=info.device, dtype=info.dtype,
             fingerprint=info.fingerprint, max_text_tokens=info.max_text_tokens,
             max_batch_items=config.max_batch_items)
+
+    def _device_decoder(self, choice: str) -> DeviceJpegDecoder | None:
+        """The GPU JPEG decoder, or None for `cpu`. `gpu` that cannot work
+        raises DeviceDecodeUnavailable (a start-up error); `auto` says why
+        it falls back to the CPU."""
+        if choice == "cpu":
+            return None
+        try:
+            decoder = DeviceJpegDecoder(self._encoder.preprocessor, self._encoder.device)
+        except DeviceDecodeUnavailable as exc:
+            if choice == "gpu":
+                raise
+            log.info("images are decoded on the CPU: %s", exc)
+            return None
+        log.info("JPEGs are decoded and resized on %s (nvJPEG)", self._encoder.device)
+        return decoder
 
     async def _check_count(self, kind: str, count: int, context: grpc.aio.ServicerContext) -> None:
         if count == 0:
@@ -105,26 +131,54 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             self.images.admit(len(images) + self._decoding)
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        loop = asyncio.get_running_loop()
         self._decoding += len(images)
         try:
-            chunks = await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, prepare,
-                                                                 images[i:i + CHUNK])
-                                            for i in range(0, len(images), CHUNK)))
+            parts, order, errors = await self._prepare(images)
         finally:
             self._decoding -= len(images)
-        prepared = [p for chunk in chunks for p in chunk]
-        errors = {i: p for i, p in enumerate(prepared) if isinstance(p, str)}
         if errors and not request.allow_partial:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 _bad_items_message("images", sorted(errors.items())))
-        good = [p for p in prepared if not isinstance(p, str)]
-        if not good:
+        if not order:
             return embedder_pb2.EncodeResponse(
                 embeddings=[embedder_pb2.Embedding(error=errors[i]) for i in range(len(images))],
                 dim=self._info.dim)
-        vectors = await self._encode(self.images, np.stack(good), len(good), context)
-        return self._response(vectors, errors)
+        vectors = await self._encode(self.images, parts, len(order), context)
+        return self._response(vectors[np.argsort(order)], errors)
+
+    async def _prepare(self, images: list[bytes]):
+        """(crops, order, errors): crop batches of the usable images, whose
+        indices are `order` (rows in that order), and why the others are not
+        usable. JPEGs the GPU takes go there; the rest, and all of them if
+        nvJPEG refuses the batch, go to the preprocess pool."""
+        loop = asyncio.get_running_loop()
+        parts: list = []
+        order: list[int] = []
+        decoder = self._jpeg_decoder
+        if decoder is not None:
+            on_device = [i for i, data in enumerate(images)
+                         if decoder.accepts(data, self._config.max_image_pixels)]
+            if on_device:
+                try:
+                    parts.append(await loop.run_in_executor(
+                        self._decode_threads, decoder.crops, [images[i] for i in on_device]))
+                    order = on_device
+                except Exception as exc:  # noqa: BLE001 - Pillow will name the bad image
+                    log.info("nvJPEG refused a batch of %d images (%s); decoding them on the CPU",
+                             len(on_device), exc)
+        taken = set(order)
+        on_cpu = [i for i in range(len(images)) if i not in taken]
+        chunks = await asyncio.gather(*(
+            loop.run_in_executor(self._preprocess_pool, prepare,
+                                 [images[i] for i in on_cpu[start:start + CHUNK]])
+            for start in range(0, len(on_cpu), CHUNK)))
+        prepared = list(zip(on_cpu, (p for chunk in chunks for p in chunk)))
+        errors = {i: p for i, p in prepared if isinstance(p, str)}
+        good = [(i, p) for i, p in prepared if not isinstance(p, str)]
+        if good:
+            parts.append(np.stack([p for _, p in good]))
+            order = order + [i for i, _ in good]
+        return parts, order, errors
 
     async def GetModelInfo(self, request, context):
         return self._info
@@ -137,4 +191,10 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         for n in sorted({1, self._config.batch_size}):
             crops = np.zeros((n, height, width, 3), dtype=np.uint8)
             await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"] * n)
-            await loop.run_in_executor(self._model_thread, self._encoder.encode_images, crops)
+            await loop.run_in_executor(self._model_thread, self._encoder.encode_images, [crops])
+        if self._jpeg_decoder is not None:  # nvJPEG's first call sets up its handles
+            jpeg = io.BytesIO()
+            Image.new("RGB", (500, 375), (128, 64, 32)).save(jpeg, "JPEG")
+            for _ in range(_DECODE_THREADS):
+                await loop.run_in_executor(self._decode_threads, self._jpeg_decoder.crops,
+                                           [jpeg.getvalue()])

@@ -10,7 +10,7 @@ import pytest
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
 from imagesearch.serving import LIVENESS
-from tests.services import ROOT, free_port, photo, start_embedder, start_search
+from tests.services import ROOT, TEST_MODEL, free_port, photo, start_embedder, start_search
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
@@ -20,6 +20,15 @@ def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
     assert run.returncode == 2
     assert "cannot load CLIP checkpoint" in run.stderr and "What to do" in run.stderr
     assert "listening" not in run.stderr  # never serves some other model instead
+
+
+def test_gpu_decoding_without_a_gpu_is_a_start_up_error():
+    run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", str(TEST_MODEL),
+                          "--device", "cpu", "--image-decode", "gpu", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 2, run.stderr
+    assert "--image-decode gpu: GPU JPEG decoding needs a CUDA device" in run.stderr
 
 
 def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_service, embedder):

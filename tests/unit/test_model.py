@@ -35,7 +35,7 @@ def test_image_vectors_match_transformers(encoder, reference):
         expected = _unit(reference.get_image_features(
             **processor(images=images, return_tensors="pt")).pooler_output)
     crops = np.stack([encoder.preprocessor.crop(decode_image(p.read_bytes())) for p in PHOTOS])
-    np.testing.assert_allclose(encoder.encode_images(crops), expected, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode_images([crops]), expected, atol=1e-5)
 
 
 def test_text_vectors_match_transformers_and_are_normalised(encoder, reference):
@@ -75,7 +75,7 @@ def test_half_precision_agrees_with_float32(encoder):
     """The numerics bar for reduced precision (cosine >= 0.999), on a CPU path."""
     half = ClipEncoder(str(TEST_MODEL), device="cpu", dtype="float16")
     crops = np.stack([encoder.preprocessor.crop(decode_image(p.read_bytes())) for p in PHOTOS])
-    cosines = (half.encode_images(crops) * encoder.encode_images(crops)).sum(axis=1)
+    cosines = (half.encode_images([crops]) * encoder.encode_images([crops])).sum(axis=1)
     assert cosines.min() >= 0.999, cosines
 
 
