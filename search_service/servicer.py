@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from prometheus_client import Counter
@@ -76,6 +77,13 @@ class _Query:
         if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:  # NaN fails too
             raise InvalidArgument(f"min_score must be between -1 and 1, got {self.min_score}")
         self.expr = filters.build(request.filter)
+
+
+@dataclass
+class _Embedded:
+    """A batch between embedding and its Milvus write."""
+    rows: list[Row]
+    results: list[Result]
 
 
 class _ReadAhead:
@@ -218,7 +226,9 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
 
     async def Ingest(self, request_iterator, context) -> AsyncIterator[Result]:
         """Read the stream ahead into a bounded queue (memory stays bounded: the
-        client is throttled by gRPC flow control) and store it batch by batch."""
+        client is throttled by gRPC flow control) and store it batch by batch,
+        embedding batch n+1 while batch n is written to Milvus. Results are
+        sent only once their batch is written, in stream order."""
         queue = _ReadAhead(2 * self._batch_size, 2 * self._max_batch_bytes)
 
         async def read() -> None:
@@ -233,21 +243,34 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             await queue.put(_END)
 
         reader = asyncio.create_task(read())
+        writing: asyncio.Task | None = None  # the previous batch's write
+        written_ids: set[str] = set()  # ids that batch writes: present for the next one
         try:
             collection = None
             while True:
                 batch, done = await self._next_batch(queue)
                 if batch and collection is None:
                     collection = await self._open(batch[0][1].collection, context, create=True)
-                for result in await self._ingest_batch(collection, batch, context):
-                    yield result
+                embedded = await self._embed_batch(collection, batch, written_ids, context)
+                if writing is not None:
+                    for result in await writing:
+                        yield result
+                writing = asyncio.create_task(self._write_batch(collection, embedded))
+                written_ids = {row.id for row in embedded.rows}
                 if done:
                     break
+            for result in await writing:
+                yield result
+            writing = None
             await reader
         except ServiceError as exc:
             await context.abort(exc.code, str(exc))
         finally:
             reader.cancel()
+            if writing is not None and not writing.done():
+                # The stream failed or the client left: the write still finishes
+                # (Milvus calls are not interruptible), but nobody is told.
+                writing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _next_batch(self, queue: "_ReadAhead") -> tuple[list, bool]:
         """Wait for one item, then take whatever else is already queued, up to
@@ -265,7 +288,11 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             item = queue.get_nowait()
         return batch, True
 
-    async def _ingest_batch(self, collection: str, batch, context) -> list[Result]:
+    async def _embed_batch(self, collection: str, batch, written: set[str],
+                           context) -> _Embedded:
+        """Check a batch, skip what is stored (or being written by the previous
+        batch, `written`), and embed the rest: the rows to write and every
+        item's result once they are."""
         results: dict[int, Result] = {}
         todo: dict[str, tuple[int, search_pb2.IngestRequest]] = {}  # id -> first item with it
         repeats: list[tuple[int, str, str]] = []  # later items with the same bytes: index, id, uri
@@ -279,7 +306,9 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
                 repeats.append((index, id_, request.uri))
             else:
                 todo[id_] = (index, request)
-        present = await self._milvus(self._store.existing_ids, collection, list(todo))
+        present = written & todo.keys()
+        present |= await self._milvus(self._store.existing_ids, collection,
+                                      [id_ for id_ in todo if id_ not in present])
         new = [(id_, index, request) for id_, (index, request) in todo.items() if id_ not in present]
         vectors = await self._embedder.encode_images([r.image for _, _, r in new], context) if new else []
         rows = []
@@ -291,7 +320,6 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
                 rows.append(Row(id=id_, vector=vector.tolist(), uri=request.uri,
                                 metadata=dict(request.metadata)))
                 results[index] = Result(index=index, id=id_, uri=request.uri, status=Result.INSERTED)
-        await self._milvus(self._store.write, collection, rows)
         for id_ in present:
             index, request = todo[id_]
             results[index] = Result(index=index, id=id_, uri=request.uri,
@@ -300,9 +328,13 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             first = results[todo[id_][0]]
             status = Result.FAILED if first.status == Result.FAILED else Result.ALREADY_PRESENT
             results[index] = Result(index=index, id=id_, uri=uri, status=status, error=first.error)
-        for result in results.values():
+        return _Embedded(rows, [results[index] for index, _ in batch])
+
+    async def _write_batch(self, collection: str, embedded: _Embedded) -> list[Result]:
+        await self._milvus(self._store.write, collection, embedded.rows)
+        for result in embedded.results:
             INGESTED.labels(Result.Status.Name(result.status).lower()).inc()
-        return [results[index] for index, _ in batch]
+        return embedded.results
 
     def _item_error(self, request: search_pb2.IngestRequest, collection: str) -> str:
         if not request.image:

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from imagesearch.cli import find_images
-from imagesearch.client import IngestItem, IngestResult
+from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import LABELS, caption
 from tests.conftest import EVAL_PER_LABEL
-from tests.services import imgsearch
+from tests.services import imgsearch, photo, start_search
 
 
 def test_ingest_summary(ingested):
@@ -107,3 +107,23 @@ def test_cli_ingest_reports_a_file_it_cannot_send_alone(search_service, eval_ima
     assert "4 images: 2 inserted, 0 already present, 2 failed" in run.stdout, run.stdout
     assert "huge.png: 68157440 bytes, above the 67043328-byte message limit" in run.stdout
     assert "broken.jpg: not a recognised image format" in run.stdout
+
+
+def test_repeats_across_pipelined_batches(embedder_service, tmp_path):
+    """Ingest embeds batch n+1 while batch n is written. With one item per
+    batch, a repeat of the previous item is checked while that item's write
+    is still in flight: it must come back ALREADY_PRESENT, in stream order,
+    and leave one row."""
+    service = start_search(tmp_path, embedder_service.address, "--ingest-batch", "1").wait_ready()
+    try:
+        with SearchClient(service.address, timeout_s=60) as client:
+            a, b = photo(40), photo(41)
+            items = [IngestItem(image, f"item-{i}") for i, image in enumerate([a, a, b, a, b, b])]
+            results = list(client.ingest(items, collection="pipelined"))
+            assert [r.index for r in results] == list(range(len(items)))
+            assert [IngestResult.Status.Name(r.status) for r in results] == [
+                "INSERTED", "ALREADY_PRESENT", "INSERTED", "ALREADY_PRESENT", "ALREADY_PRESENT",
+                "ALREADY_PRESENT"]
+            assert client.stats("pipelined").count == 2
+    finally:
+        assert service.stop() == 0, service.log()
