@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark, as run on a lent H100/H200 (see docs/benchmarks.md): the
-# packages that machine lacks travel as wheels in .whl/ (py3.12).
+# packages that machine lacks travel as wheels in .whl/ (py3.12). After the
+# suite, the embedder's tests run there too, so the GPU paths (nvJPEG, CUDA
+# graphs) meet the same bad-input and ordering checks as the CPU ones.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
@@ -8,9 +10,12 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi -L
-python3 -c "import torch, transformers, grpc, google.protobuf as p; print(torch.__version__, transformers.__version__, grpc.__version__, p.__version__)"
+python3 -c "import torch, torchvision, transformers, grpc, google.protobuf as p; print(torch.__version__, torchvision.__version__, transformers.__version__, grpc.__version__, p.__version__)"
 python3 -m bench.suite --profile gpu --seconds "${SECONDS_PER_RUN:-15}" --commit "${COMMIT:-unknown}" \
   --work /tmp/benchwork ${TOKENIZER:+--tokenizer "$TOKENIZER"} $EXTRA --json "$OUT/gpu.json" 2>&1 | tee "$OUT/log"
 status=$?
 cp /tmp/benchwork/*.log "$OUT/" 2>/dev/null
+if [ -n "$TESTS" ]; then
+  python3 -m pytest -q -p no:cacheprovider -x $TESTS 2>&1 | tail -40 | tee "$OUT/tests.log" || status=1
+fi
 exit $status

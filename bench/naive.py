@@ -35,7 +35,7 @@ def naive_loop(model_dir: str, jpegs: list[bytes], device: str, dtype: torch.dty
     client.insert("naive", [{"id": i, "vector": v.tolist()} for i, v in enumerate(vectors)])
     done = time.perf_counter()
     client.close()
-    return {"images": len(jpegs), "encode_s": round(encoded - started, 3),
+    return {"images": len(jpegs), "processor": type(processor).__name__, "encode_s": round(encoded - started, 3),
             "insert_s": round(done - encoded, 3),
             "images_per_s": round(len(jpegs) / (done - started), 1),
             "vectors": np.stack(vectors)}

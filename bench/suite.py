@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from bench import loadgen
 from bench.naive import naive_loop
 from bench.photos import make_jpegs
 from bench.random_clip import write as write_random_clip
+from embedder_service.device_images import DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import decode_image
 from tests.services import ROOT, TEST_MODEL, Service
@@ -96,7 +98,7 @@ def numerics(model_dir: str, jpegs: list[bytes], device: str) -> dict:
     half = "float16" if device == "cuda" else "bfloat16"
     full, low = ClipEncoder(model_dir, device, "float32"), ClipEncoder(model_dir, device, half)
     crops = np.stack([full.preprocessor.crop(decode_image(j)) for j in jpegs])
-    cos = (full.encode_images(crops) * low.encode_images(crops)).sum(axis=1)
+    cos = (full.encode_images([crops]) * low.encode_images([crops])).sum(axis=1)
     texts = loadgen.QUERIES
     tcos = (full.encode_texts(texts) * low.encode_texts(texts)).sum(axis=1)
     return {"dtype": half, "image_cos_min": round(float(cos.min()), 5),
@@ -104,7 +106,8 @@ def numerics(model_dir: str, jpegs: list[bytes], device: str) -> dict:
 
 
 def model_alone(model_dir: str, device: str, batch: int = 256) -> dict:
-    """The ceiling: the encoder with no server, no decoding (random crops)."""
+    """The ceiling: the encoder with no server, no decoding (random crops);
+    one text with CUDA graphs (the default on CUDA) and eagerly."""
     encoder = ClipEncoder(model_dir, device, batch_size=batch)
     crops = np.random.default_rng(0).integers(0, 256, (batch, 224, 224, 3), dtype=np.uint8)
     texts = (loadgen.QUERIES * batch)[:batch]
@@ -116,14 +119,47 @@ def model_alone(model_dir: str, device: str, batch: int = 256) -> dict:
             fn()
         return round(items * reps / (time.perf_counter() - started), 1)
 
-    single = []
-    for _ in range(200):
-        started = time.perf_counter()
-        encoder.encode_texts(["a white dog"])
-        single.append((time.perf_counter() - started) * 1000)
-    return {"batch": batch, "images_per_s": per_second(lambda: encoder.encode_images(crops), batch),
+    def single_text_ms(enc: ClipEncoder) -> float:
+        times = []
+        for _ in range(200):
+            started = time.perf_counter()
+            enc.encode_texts(["a white dog"])
+            times.append((time.perf_counter() - started) * 1000)
+        return round(float(np.percentile(times, 50)), 3)
+
+    eager = ClipEncoder(model_dir, device, batch_size=batch, cuda_graphs=False)
+    return {"batch": batch, "images_per_s": per_second(lambda: encoder.encode_images([crops]), batch),
             "texts_per_s": per_second(lambda: encoder.encode_texts(texts), batch),
-            "single_text_ms_p50": round(float(np.percentile(single, 50)), 3)}
+            "texts_per_s_eager": per_second(lambda: eager.encode_texts(texts), batch),
+            "cuda_graphs": encoder.text_graphs is not None,
+            "single_text_ms_p50": single_text_ms(encoder),
+            "single_text_ms_p50_eager": single_text_ms(eager)}
+
+
+def device_decode(model_dir: str, jpegs: list[bytes]) -> dict:
+    """nvJPEG plus the device resize against the CPU path (pixels and float16
+    vectors of the same photos), and the decoder's own rate in 32-image calls."""
+    encoder = ClipEncoder(model_dir, "cuda", cuda_graphs=False)
+    decoder = DeviceJpegDecoder(encoder.preprocessor, encoder.device)
+    photos = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
+    sample = [j for j in photos + jpegs[:64] if decoder.accepts(j, 50_000_000)]
+    on_cpu = np.stack([encoder.preprocessor.crop(decode_image(j)) for j in sample])
+    on_gpu = decoder.crops(sample)
+    diff = np.abs(on_gpu.permute(0, 2, 3, 1).cpu().numpy().astype(int) - on_cpu.astype(int))
+    cos = (encoder.encode_images([on_cpu]) * encoder.encode_images([on_gpu])).sum(axis=1)
+    calls = [jpegs[i:i + 32] for i in range(0, len(jpegs), 32)] * 4
+    rates = {}
+    for threads in (1, 2, 4):
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(decoder.crops, calls[:threads]))  # each thread's stream and handles
+            started = time.perf_counter()
+            list(pool.map(decoder.crops, calls))
+            rates[str(threads)] = round(32 * len(calls) / (time.perf_counter() - started), 1)
+    return {"images": len(sample), "pixel_mean_abs_diff": round(float(diff.mean()), 4),
+            "pixel_max_abs_diff": int(diff.max()),
+            "pixels_differing": round(float((diff > 0).mean()), 4),
+            "vector_cos_min": round(float(cos.min()), 5),
+            "decoder_images_per_s_by_threads": rates}
 
 
 def guarded(out: dict, key: str, fn) -> None:
@@ -135,7 +171,7 @@ def guarded(out: dict, key: str, fn) -> None:
 
 
 def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
-                compare_threads: bool = True) -> dict:
+                compare_cpu_decode: bool = True) -> dict:
     out: dict = {}
 
     def naive():
@@ -146,26 +182,28 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
     guarded(out, "naive", naive)
     guarded(out, "numerics", lambda: numerics(model, jpegs[:64], "cuda"))
     guarded(out, "model_alone", lambda: model_alone(model, "cuda"))
+    guarded(out, "device_decode", lambda: device_decode(model, jpegs))
     torch.cuda.empty_cache()
 
-    def start(mode: str) -> tuple[Service, MemorySampler]:
+    def start(decode: str) -> tuple[Service, MemorySampler]:
         embedder = Service("embedder_service", ["--model", model, "--batch-size", "256",
-                                                "--preprocess-workers", "14", "--preprocess-mode",
-                                                mode, "--max-queue", "100000"],
-                           work / f"embedder-{mode}.log")
+                                                "--preprocess-workers", "14", "--image-decode",
+                                                decode, "--max-queue", "100000"],
+                           work / f"embedder-{decode}.log")
         embedder.wait_ready(600)
         return embedder, MemorySampler(embedder.process.pid)
 
     def load(server: str, **kw):
         return lambda: loadgen.run(server=server, duration_s=seconds, jpegs=jpegs, **kw)
 
-    if compare_threads:  # images only: the comparison for --preprocess-mode
-        embedder, mem = start("thread")
-        guarded(out, "encode_image_thread", lambda: mem.peak_during(
+    if compare_cpu_decode:  # images only: Pillow in 14 worker processes, as before nvJPEG
+        embedder, mem = start("cpu")
+        guarded(out, "encode_image_cpu_decode", lambda: mem.peak_during(
             load(embedder.address, target="EncodeImage", concurrency=32, batch=32, procs=4)))
-        out["exit_embedder_thread"] = embedder.stop()
+        out["exit_embedder_cpu_decode"] = embedder.stop()
 
-    embedder, mem = start("process")
+    embedder, mem = start("auto")
+    out["image_decode"] = "gpu" if "(nvJPEG)" in embedder.log() else "cpu"
     out["memory_idle"] = mem.sample()
     guarded(out, "encode_image", lambda: mem.peak_during(
         load(embedder.address, target="EncodeImage", concurrency=32, batch=32, procs=4)))
@@ -184,7 +222,7 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
 
 
 def cpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
-                compare_threads: bool = False) -> dict:
+                compare_cpu_decode: bool = False) -> dict:
     out: dict = {}
     naive = naive_loop(model, jpegs[:40], "cpu", torch.float32, str(work / "naive.db"))
     naive.pop("vectors")
@@ -224,8 +262,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=["gpu", "cpu"], required=True)
     parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
-    parser.add_argument("--compare-threads", action=argparse.BooleanOptionalAction, default=True,
-                        help="gpu: also run EncodeImage with thread preprocessing")
+    parser.add_argument("--compare-cpu-decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="gpu: also run EncodeImage with --image-decode cpu")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--commit", default=None, help="commit to report (default: git HEAD)")
     parser.add_argument("--tokenizer", type=Path, default=TEST_MODEL,
@@ -240,7 +278,7 @@ def main() -> None:
         jpegs = make_jpegs(512)
         profile = gpu_profile if args.profile == "gpu" else cpu_profile
         started = time.time()
-        results = profile(model, work, jpegs, args.seconds, args.compare_threads)
+        results = profile(model, work, jpegs, args.seconds, args.compare_cpu_decode)
     results["meta"] = {"device": device_name(args.profile), "commit": args.commit or commit(),
                        "date": datetime.date.today().isoformat(), "python": sys.version.split()[0],
                        "torch": torch.__version__, "wall_s": round(time.time() - started),
