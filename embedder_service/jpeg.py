@@ -4,9 +4,10 @@ coding process and EXIF orientation.
 The GPU decoder (device_images.py) takes only the JPEGs it decodes exactly
 as the CPU path would see them: baseline or extended Huffman coding, three
 components, no Adobe colour transform marker, upright (EXIF orientation 1)
-and complete (ending in an EOI marker). Everything else goes to Pillow on
-the CPU. A few microseconds of Python per image; untrusted bytes only ever
-make it return None.
+and complete: an EOI marker after the frame header. A truncated file has
+none; bytes after it (camera trailers) both decoders ignore. Everything else
+goes to Pillow on the CPU. A few microseconds of Python per image; untrusted
+bytes only ever make it return None.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class JpegHeader:
     sof: int  # the frame marker: 0xC0 baseline, 0xC2 progressive, ...
     orientation: int  # EXIF orientation, 1 when absent
     adobe: bool  # an Adobe APP14 segment (colour transform may differ)
-    complete: bool  # ends with the EOI marker
+    complete: bool  # an EOI marker follows the frame header
 
     @property
     def device_decodable(self) -> bool:
@@ -80,6 +81,6 @@ def read_header(data: bytes) -> JpegHeader | None:
             return JpegHeader(width=int.from_bytes(segment[3:5], "big"),
                               height=int.from_bytes(segment[1:3], "big"), components=segment[5],
                               sof=marker, orientation=orientation, adobe=adobe,
-                              complete=data.rstrip(b"\x00").endswith(b"\xff\xd9"))
+                              complete=data.rfind(b"\xff\xd9") > pos)
         pos += 2 + length
     return None

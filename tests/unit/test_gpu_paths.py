@@ -47,6 +47,13 @@ def test_jpegs_the_gpu_does_not_take(data, why):
     assert header is not None and not header.device_decodable, why
 
 
+def test_bytes_after_the_end_marker_do_not_matter():
+    """Camera trailers, or bench/photos.unique's: Pillow ignores them, so may the GPU."""
+    data = _jpeg(size=(500, 375))
+    assert read_header(data + b"\0" + (7).to_bytes(8, "little")).device_decodable
+    assert not read_header(data[:-2] + b"\0" * 16).device_decodable  # no end marker at all
+
+
 def test_exif_orientation_is_read():
     exif = Image.Exif()
     exif[0x0112] = 6
