@@ -296,9 +296,11 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
         results: dict[int, Result] = {}
         todo: dict[str, tuple[int, search_pb2.IngestRequest]] = {}  # id -> first item with it
         repeats: list[tuple[int, str, str]] = []  # later items with the same bytes: index, id, uri
-        for index, request in batch:
+        # Hashing releases the GIL: off the event loop, it runs beside it.
+        ids = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [image_id(request.image) if request.image else "" for _, request in batch])
+        for (index, request), id_ in zip(batch, ids):
             error = self._item_error(request, collection)
-            id_ = image_id(request.image) if request.image else ""
             if error:
                 results[index] = Result(index=index, id=id_, uri=request.uri,
                                         status=Result.FAILED, error=error)
