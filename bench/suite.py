@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,12 +29,12 @@ import torch
 
 from bench import loadgen
 from bench.naive import naive_loop
-from bench.photos import make_jpegs
+from bench.photos import make_jpegs, unique
 from bench.random_clip import write as write_random_clip
 from embedder_service.device_images import DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import decode_image
-from tests.services import ROOT, TEST_MODEL, Service
+from tests.services import ROOT, TEST_MODEL, MilvusServer, Service, free_port, metric, scrape
 
 
 class MemorySampler:
@@ -142,7 +143,8 @@ def device_decode(model_dir: str, jpegs: list[bytes]) -> dict:
     encoder = ClipEncoder(model_dir, "cuda", cuda_graphs=False)
     decoder = DeviceJpegDecoder(encoder.preprocessor, encoder.device)
     photos = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
-    sample = [j for j in photos + jpegs[:64] if decoder.accepts(j, 50_000_000)]
+    trailers = [unique(j, i) for i, j in enumerate(jpegs[:8])]  # bytes after the end marker
+    sample = [j for j in photos + jpegs[:64] + trailers if decoder.accepts(j, 50_000_000)]
     on_cpu = np.stack([encoder.preprocessor.crop(decode_image(j)) for j in sample])
     on_gpu = decoder.crops(sample)
     diff = np.abs(on_gpu.permute(0, 2, 3, 1).cpu().numpy().astype(int) - on_cpu.astype(int))
@@ -160,6 +162,75 @@ def device_decode(model_dir: str, jpegs: list[bytes]) -> dict:
             "pixels_differing": round(float((diff > 0).mean()), 4),
             "vector_cos_min": round(float(cos.min()), 5),
             "decoder_images_per_s_by_threads": rates}
+
+
+def _cpu_s(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> dict:
+    """CPU seconds of a process (Milvus Lite runs inside the search service's)
+    and of its main thread, the event loop."""
+    return {"total": _cpu_s(Path(f"/proc/{pid}/stat")),
+            "event_loop": _cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))}
+
+
+def ingest(searches: list[Service], jpegs: list[bytes], seconds: float, streams: int) -> dict:
+    """Ingest through one or more search-service replicas (on one port), with
+    where the search processes spent their CPU per image and the mean Milvus
+    call time: what to look at when ingest trails EncodeImage."""
+    before = [(cpu_seconds(s.process.pid), scrape(s)) for s in searches]
+    result = loadgen.run(server=searches[0].address, target="Ingest", concurrency=streams,
+                         batch=256, procs=4, duration_s=seconds, jpegs=jpegs, warmup_s=0)
+    images = max(result["requests"] * 256, 1)
+    cpu = {"total": 0.0, "event_loop": 0.0}
+    calls: dict = {}
+    for search, (cpu0, metrics0) in zip(searches, before):
+        cpu1, metrics1 = cpu_seconds(search.process.pid), scrape(search)
+        for key in cpu:
+            cpu[key] += cpu1[key] - cpu0[key]
+        for op in ("upsert", "get"):
+            for part in ("count", "sum"):
+                name = f"search_milvus_call_seconds_{part}"
+                calls.setdefault(op, {}).setdefault(part, 0.0)
+                calls[op][part] += metric(metrics1, name, operation=op) - metric(metrics0, name, operation=op)
+    result["replicas"] = len(searches)
+    result["search_cpu_us_per_image"] = {k: round(v * 1e6 / images) for k, v in cpu.items()}
+    result["milvus_call_ms"] = {op: round(1000 * c["sum"] / c["count"], 1) if c["count"] else None
+                                for op, c in calls.items()}
+    return result
+
+
+def ingest_on_server(embedder: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
+    """Ingest into a Milvus standalone server through 1 and 3 search replicas
+    sharing one port (gRPC sets SO_REUSEPORT): the scale-out path, which a
+    Milvus Lite file (one process) cannot take."""
+    (work / "milvus-server").mkdir(exist_ok=True)
+    server = MilvusServer(work / "milvus-server").wait_ready()
+    out = {}
+    try:
+        for replicas in (1, 3):
+            port = free_port()
+            searches = [Service("search_service", ["--embedder", embedder, "--milvus-uri", server.uri,
+                                                   "--collection", f"bench{replicas}",
+                                                   "--ingest-batch", "256"],
+                                work / f"search-server-{replicas}-{i}.log", port=port)
+                        for i in range(replicas)]
+            try:  # a health check on the shared port reaches any one of them: read each log
+                deadline = time.monotonic() + 120
+                while not all("listening on" in search.log() for search in searches):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("search replicas did not start")
+                    time.sleep(0.5)
+                searches[0].wait_ready(120)
+                guarded(out, f"replicas_{replicas}",
+                        lambda: ingest(searches, jpegs, seconds, streams=8 * replicas))
+            finally:
+                out[f"exit_codes_{replicas}"] = [search.stop() for search in searches]
+    finally:
+        server.stop()
+    return out
 
 
 def guarded(out: dict, key: str, fn) -> None:
@@ -216,8 +287,12 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
                                         str(work / "data"), "--ingest-batch", "256"],
                      work / "search.log")
     search.wait_ready(120)
-    guarded(out, "ingest", load(search.address, target="Ingest", concurrency=8, batch=256, procs=4))
-    out["exit_codes"] = {"search": search.stop(), "embedder": embedder.stop()}
+    guarded(out, "ingest", lambda: ingest([search], jpegs, seconds, streams=8))
+    out["exit_search"] = search.stop()
+    if shutil.which("milvus-server"):
+        guarded(out, "ingest_milvus_server", lambda: ingest_on_server(embedder.address, work, jpegs,
+                                                                      seconds))
+    out["exit_embedder"] = embedder.stop()
     return out
 
 

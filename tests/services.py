@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -177,6 +178,8 @@ class MilvusServer:
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "milvus-server.log"
         exe = Path(sys.executable).parent / "milvus-server"
+        if not exe.exists():  # installed with --target (bench/gpu_run.sh): on PATH
+            exe = Path(shutil.which("milvus-server") or exe)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [str(exe), "--data", str(data_dir), "--proxy-port", str(self.port)],
