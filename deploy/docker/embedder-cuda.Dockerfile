@@ -32,9 +32,11 @@ COPY constraints.txt ./
 # with a CUDA_IMAGE to match, e.g. for older drivers:
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
+# torchvision (the build for the same torch and CUDA) brings nvJPEG: JPEGs are
+# then decoded on the GPU (--image-decode auto).
 ARG TORCH_INDEX=
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install -c constraints.txt ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch
+    pip install -c constraints.txt ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch torchvision
 COPY pyproject.toml README.md ./
 COPY imagesearch ./imagesearch
 COPY embedder_service ./embedder_service
