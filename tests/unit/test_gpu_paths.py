@@ -6,6 +6,7 @@ gpu measures their parity there (docs/benchmarks.md)."""
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from bench.photos import make_jpegs
-from embedder_service.device_images import DeviceDecodeUnavailable, DeviceJpegDecoder, resize_crop
+from embedder_service.device_images import (DeviceDecodeUnavailable, DeviceJpegDecoder, pixel_groups,
+                                             resize_crop)
 from embedder_service.jpeg import read_header
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import Preprocessor, decode_image
@@ -40,7 +42,7 @@ def test_header_of_a_plain_photo():
     (_jpeg(progressive=True), "progressive"),
     (_jpeg("L"), "grayscale"),
     (_jpeg("CMYK"), "CMYK (Adobe marker, 4 components)"),
-    (_jpeg()[:-200], "truncated"),
+    (_jpeg()[:-10], "truncated"),
 ])
 def test_jpegs_the_gpu_does_not_take(data, why):
     header = read_header(data)
@@ -63,6 +65,42 @@ def test_exif_orientation_is_read():
     assert read_header(_jpeg(exif=exif.tobytes())).device_decodable
 
 
+def _patch_frame(data: bytes, offset: int, value: bytes) -> bytes:
+    """`data` with the bytes at `offset` into the SOF0 segment replaced."""
+    at = data.index(b"\xff\xc0") + 4 + offset
+    return data[:at] + value + data[at + len(value):]
+
+
+def test_precision_and_rgb_coding_are_read():
+    data = _jpeg()
+    assert read_header(data).precision == 8 and not read_header(data).rgb_ids
+    assert not read_header(_patch_frame(data, 0, b"\x0c")).device_decodable  # 12-bit
+    rgb = _patch_frame(_patch_frame(_patch_frame(data, 6, b"R"), 9, b"G"), 12, b"B")
+    assert read_header(rgb).rgb_ids and not read_header(rgb).device_decodable
+
+
+def test_xmp_orientation_counts_when_exif_has_none():
+    """Pillow's exif_transpose falls back to XMP's tiff:Orientation."""
+    xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta><rdf:Description tiff:Orientation=\"6\"/>"
+    data = _jpeg()
+    with_xmp = data[:2] + b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp + data[2:]
+    assert read_header(with_xmp).orientation == 6 and not read_header(with_xmp).device_decodable
+
+
+def test_hostile_headers_cost_little():
+    """Runs of fill bytes, thousands of empty segments, an endless EXIF
+    directory: each is left to Pillow, without a long Python loop on the
+    event loop."""
+    exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + (5000).to_bytes(2, "little") + b"\x00" * 60000
+    endless_ifd = b"\xff\xd8\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + _jpeg()[2:]
+    for data in (b"\xff\xd8" + b"\xff" * 20_000_000, b"\xff\xd8" + b"\xff\xfe\x00\x02" * 5_000_000,
+                 endless_ifd):
+        started = time.perf_counter()
+        header = read_header(data)
+        assert header is None or not header.device_decodable
+        assert time.perf_counter() - started < 1.0
+
+
 def test_not_jpegs():
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
@@ -81,6 +119,12 @@ def test_header_reader_never_raises(tail):
 def test_device_decoder_needs_cuda():
     with pytest.raises(DeviceDecodeUnavailable, match="CUDA"):
         DeviceJpegDecoder(Preprocessor(), torch.device("cpu"))
+
+
+def test_decode_calls_are_bounded_in_pixels():
+    assert pixel_groups([10, 10, 10], 20) == [slice(0, 2), slice(2, 3)]
+    assert pixel_groups([50, 5, 5], 20) == [slice(0, 1), slice(1, 3)]  # too big: alone
+    assert pixel_groups([5], 20) == [slice(0, 1)]
 
 
 def _as_tensor(image: Image.Image) -> torch.Tensor:
