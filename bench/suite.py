@@ -144,18 +144,19 @@ def device_decode(model_dir: str, jpegs: list[bytes]) -> dict:
     decoder = DeviceJpegDecoder(encoder.preprocessor, encoder.device)
     photos = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
     trailers = [unique(j, i) for i, j in enumerate(jpegs[:8])]  # bytes after the end marker
-    sample = [j for j in photos + jpegs[:64] + trailers if decoder.accepts(j, 50_000_000)]
+    sample = [j for j in photos + jpegs[:64] + trailers if decoder.pixels(j, 50_000_000)]
     on_cpu = np.stack([encoder.preprocessor.crop(decode_image(j)) for j in sample])
-    on_gpu = decoder.crops(sample)
+    on_gpu = decoder.crops(sample, [decoder.pixels(j, 50_000_000) for j in sample])
     diff = np.abs(on_gpu.permute(0, 2, 3, 1).cpu().numpy().astype(int) - on_cpu.astype(int))
     cos = (encoder.encode_images([on_cpu]) * encoder.encode_images([on_gpu])).sum(axis=1)
     calls = [jpegs[i:i + 32] for i in range(0, len(jpegs), 32)] * 4
+    decode = lambda call: decoder.crops(call, [decoder.pixels(j, 50_000_000) for j in call])
     rates = {}
     for threads in (1, 2, 4):
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(decoder.crops, calls[:threads]))  # each thread's stream and handles
+            list(pool.map(decode, calls[:threads]))  # each thread's stream
             started = time.perf_counter()
-            list(pool.map(decoder.crops, calls))
+            list(pool.map(decode, calls))
             rates[str(threads)] = round(32 * len(calls) / (time.perf_counter() - started), 1)
     return {"images": len(sample), "pixel_mean_abs_diff": round(float(diff.mean()), 4),
             "pixel_max_abs_diff": int(diff.max()),

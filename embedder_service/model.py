@@ -109,6 +109,10 @@ class ClipEncoder:
     def _capture_text_graphs(self) -> TextGraphs | None:
         if self.device.type != "cuda":
             return None
+        if self.tokenizer.padding_side != "right":  # the graphs pad after the end-of-text token
+            log.warning("tokenizer pads on the %s: texts run eagerly, without CUDA graphs",
+                        self.tokenizer.padding_side)
+            return None
         pad_id = self.tokenizer.pad_token_id
         try:
             return TextGraphs(self._text_vectors, device=self.device, max_batch=self.batch_size,

@@ -9,13 +9,11 @@ model runs on one dedicated thread so that forward passes never interleave.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from PIL import Image
 from prometheus_client import Gauge
 
 from embedder_service.batcher import Batcher, Expired, QueueFull
@@ -31,7 +29,7 @@ DECODING = Gauge("embedder_decoding_items",
                  "Image items admitted and being decoded; they count against --max-queue")
 
 _MAX_LISTED = 10  # bad items named in one error message
-_DECODE_THREADS = 2  # GPU decode calls in flight: one decodes while the other's crops are used
+_DECODE_THREADS = 2  # GPU decode calls in flight: one decodes while the other resizes
 
 
 def _bad_items_message(kind: str, bad: list[tuple[int, str]]) -> str:
@@ -147,38 +145,51 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         return self._response(vectors[np.argsort(order)], errors)
 
     async def _prepare(self, images: list[bytes]):
-        """(crops, order, errors): crop batches of the usable images, whose
-        indices are `order` (rows in that order), and why the others are not
-        usable. JPEGs the GPU takes go there; the rest, and all of them if
-        nvJPEG refuses the batch, go to the preprocess pool."""
-        loop = asyncio.get_running_loop()
-        parts: list = []
-        order: list[int] = []
-        decoder = self._jpeg_decoder
-        if decoder is not None:
-            on_device = [i for i, data in enumerate(images)
-                         if decoder.accepts(data, self._config.max_image_pixels)]
-            if on_device:
-                try:
-                    parts.append(await loop.run_in_executor(
-                        self._decode_threads, decoder.crops, [images[i] for i in on_device]))
-                    order = on_device
-                except Exception as exc:  # noqa: BLE001 - Pillow will name the bad image
-                    log.info("nvJPEG refused a batch of %d images (%s); decoding them on the CPU",
-                             len(on_device), exc)
-        taken = set(order)
-        on_cpu = [i for i in range(len(images)) if i not in taken]
-        chunks = await asyncio.gather(*(
-            loop.run_in_executor(self._preprocess_pool, prepare,
-                                 [images[i] for i in on_cpu[start:start + CHUNK]])
-            for start in range(0, len(on_cpu), CHUNK)))
-        prepared = list(zip(on_cpu, (p for chunk in chunks for p in chunk)))
-        errors = {i: p for i, p in prepared if isinstance(p, str)}
-        good = [(i, p) for i, p in prepared if not isinstance(p, str)]
+        """(parts, order, errors): batches of crops of the usable images, whose
+        indices are `order` (the parts' rows in that order), and why the
+        others are not usable. JPEGs the GPU takes are decoded there while
+        the preprocess pool takes the rest; if nvJPEG refuses its batch,
+        those go to the pool too, and Pillow names any bad one."""
+        pixels = [self._jpeg_decoder.pixels(data, self._config.max_image_pixels)
+                  if self._jpeg_decoder else 0 for data in images]
+        on_device = [i for i, count in enumerate(pixels) if count]
+        on_cpu = [i for i, count in enumerate(pixels) if not count]
+        parts, order = [], []
+        on_gpu, on_pool = await asyncio.gather(self._decode_on_device(images, pixels, on_device),
+                                               self._decode_on_cpu(images, on_cpu))
+        if on_gpu is not None:
+            parts.append(on_gpu)
+            order += on_device
+        elif on_device:  # refused: Pillow decodes those too
+            on_pool += await self._decode_on_cpu(images, on_device)
+        errors = {i: p for i, p in on_pool if isinstance(p, str)}
+        good = [(i, p) for i, p in on_pool if not isinstance(p, str)]
         if good:
             parts.append(np.stack([p for _, p in good]))
-            order = order + [i for i, _ in good]
+            order += [i for i, _ in good]
         return parts, order, errors
+
+    async def _decode_on_device(self, images: list[bytes], pixels: list[int], index: list[int]):
+        """Crops of images[index] on the device; None if nvJPEG refused them."""
+        if not index:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._decode_threads, self._jpeg_decoder.crops, [images[i] for i in index],
+                [pixels[i] for i in index])
+        except Exception as exc:  # noqa: BLE001 - Pillow will name the bad image
+            log.info("nvJPEG refused a batch of %d images (%s); decoding them on the CPU",
+                     len(index), exc)
+            return None
+
+    async def _decode_on_cpu(self, images: list[bytes], index: list[int]) -> list[tuple[int, object]]:
+        """(i, crop or the reason it failed) for images[index], in the preprocess pool."""
+        loop = asyncio.get_running_loop()
+        chunks = await asyncio.gather(*(
+            loop.run_in_executor(self._preprocess_pool, prepare,
+                                 [images[i] for i in index[start:start + CHUNK]])
+            for start in range(0, len(index), CHUNK)))
+        return list(zip(index, (p for chunk in chunks for p in chunk)))
 
     async def GetModelInfo(self, request, context):
         return self._info
@@ -192,9 +203,3 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             crops = np.zeros((n, height, width, 3), dtype=np.uint8)
             await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"] * n)
             await loop.run_in_executor(self._model_thread, self._encoder.encode_images, [crops])
-        if self._jpeg_decoder is not None:  # nvJPEG's first call sets up its handles
-            jpeg = io.BytesIO()
-            Image.new("RGB", (500, 375), (128, 64, 32)).save(jpeg, "JPEG")
-            for _ in range(_DECODE_THREADS):
-                await loop.run_in_executor(self._decode_threads, self._jpeg_decoder.crops,
-                                           [jpeg.getvalue()])

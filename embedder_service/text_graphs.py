@@ -8,8 +8,9 @@ is padded up to the next bucket: rows to a power of two, tokens to 16, 32
 or the full context. The padding is more pad tokens after the end-of-text
 token, with no attention mask: CLIP's text transformer is causal, so the
 pooled end-of-text position never sees what follows it, and the vectors are
-the eager path's (tests/unit/test_text_graphs.py checks this on CPU, where
-`capture=False` runs the same padded inputs eagerly).
+the eager path's (tests/unit/test_gpu_paths.py checks this on CPU, where
+`capture=False` runs the same padded inputs eagerly). A tokenizer that pads
+on the left gets no graphs (model.py).
 """
 from __future__ import annotations
 
