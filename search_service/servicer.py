@@ -264,12 +264,19 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
             writing = None
             await reader
         except ServiceError as exc:
+            if writing is not None:  # what the write in flight stored is acknowledged first
+                try:
+                    for result in await writing:
+                        yield result
+                except ServiceError as write_error:  # unless it failed too: report that
+                    exc = write_error
+                writing = None
             await context.abort(exc.code, str(exc))
         finally:
             reader.cancel()
-            if writing is not None and not writing.done():
-                # The stream failed or the client left: the write still finishes
-                # (Milvus calls are not interruptible), but nobody is told.
+            if writing is not None:
+                # The client left: nothing of this write was acknowledged, and
+                # how it ends is nobody's concern (retrieved, so not logged).
                 writing.add_done_callback(lambda task: task.cancelled() or task.exception())
 
     async def _next_batch(self, queue: "_ReadAhead") -> tuple[list, bool]:

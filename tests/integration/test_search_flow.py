@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -11,6 +12,7 @@ from PIL import Image
 from imagesearch.cli import find_images
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import LABELS, caption
+from imagesearch.v1 import search_pb2
 from tests.conftest import EVAL_PER_LABEL
 from tests.services import imgsearch, photo, start_search
 
@@ -109,21 +111,47 @@ def test_cli_ingest_reports_a_file_it_cannot_send_alone(search_service, eval_ima
     assert "broken.jpg: not a recognised image format" in run.stdout
 
 
-def test_repeats_across_pipelined_batches(embedder_service, tmp_path):
+@pytest.fixture(scope="module")
+def one_per_batch(embedder_service, tmp_path_factory):
+    """A search service that writes every ingest item as a batch of its own."""
+    service = start_search(tmp_path_factory.mktemp("one-per-batch"), embedder_service.address,
+                           "--ingest-batch", "1").wait_ready()
+    yield service
+    assert service.stop() == 0, service.log()
+
+
+def test_repeats_across_pipelined_batches(one_per_batch):
     """Ingest embeds batch n+1 while batch n is written. With one item per
     batch, a repeat of the previous item is checked while that item's write
     is still in flight: it must come back ALREADY_PRESENT, in stream order,
     and leave one row."""
-    service = start_search(tmp_path, embedder_service.address, "--ingest-batch", "1").wait_ready()
-    try:
-        with SearchClient(service.address, timeout_s=60) as client:
-            a, b = photo(40), photo(41)
-            items = [IngestItem(image, f"item-{i}") for i, image in enumerate([a, a, b, a, b, b])]
-            results = list(client.ingest(items, collection="pipelined"))
-            assert [r.index for r in results] == list(range(len(items)))
-            assert [IngestResult.Status.Name(r.status) for r in results] == [
-                "INSERTED", "ALREADY_PRESENT", "INSERTED", "ALREADY_PRESENT", "ALREADY_PRESENT",
-                "ALREADY_PRESENT"]
-            assert client.stats("pipelined").count == 2
-    finally:
-        assert service.stop() == 0, service.log()
+    with SearchClient(one_per_batch.address, timeout_s=60) as client:
+        a, b = photo(40), photo(41)
+        items = [IngestItem(image, f"item-{i}") for i, image in enumerate([a, a, b, a, b, b])]
+        results = list(client.ingest(items, collection="pipelined"))
+        assert [r.index for r in results] == list(range(len(items)))
+        assert [IngestResult.Status.Name(r.status) for r in results] == [
+            "INSERTED", "ALREADY_PRESENT", "INSERTED", "ALREADY_PRESENT", "ALREADY_PRESENT",
+            "ALREADY_PRESENT"]
+        assert client.stats("pipelined").count == 2
+
+
+def test_a_broken_stream_still_acknowledges_what_was_written(one_per_batch):
+    """The stream breaks while a write is in flight: that write's items are
+    acknowledged before INVALID_ARGUMENT, so a client knows they are stored."""
+    good = [search_pb2.IngestRequest(image=photo(50 + i), uri=f"ok-{i}",
+                                     collection="broken").SerializeToString() for i in range(2)]
+    bad = b"\x0a\x03abc" + b"\x12\x02\xff\xfe"  # uri is not UTF-8: the message cannot be parsed
+    results = []
+    with grpc.insecure_channel(one_per_batch.address) as channel:
+        ingest = channel.stream_stream("/imagesearch.v1.ImageSearch/Ingest",
+                                       request_serializer=lambda raw: raw,
+                                       response_deserializer=search_pb2.IngestResult.FromString)
+        with pytest.raises(grpc.RpcError) as error:
+            for result in ingest(iter([*good, bad]), timeout=30):
+                results.append(result)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [(r.uri, IngestResult.Status.Name(r.status)) for r in results] == [
+        ("ok-0", "INSERTED"), ("ok-1", "INSERTED")]
+    with SearchClient(one_per_batch.address, timeout_s=60) as client:
+        assert client.stats("broken").count == 2
