@@ -57,7 +57,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self._preprocess_pool = make_pool(mode, config.preprocess_workers,
                                           encoder.preprocessor, config.max_image_pixels)
         self._jpeg_decoder = self._device_decoder(config.image_decode)
-        self._decode_threads = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gpu-decode")
+        self._decode_threads = (ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gpu-decode")
+                                if self._jpeg_decoder else None)
         info = encoder.info
         self._info = embedder_pb2.ModelInfo(
             name=info.name, dim=info.dim, device=info.device, dtype=info.dtype,
