@@ -132,14 +132,20 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServicer):
     async def _milvus(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._milvus_thread, fn, *args)
 
-    async def check_default_collection(self) -> None:
-        """At start-up, say at once if the default collection belongs to another model."""
-        try:
-            await self._open(self._default_collection, None)
-        except DependencyUnavailable as exc:
-            log.warning("default collection %r not checked yet: %s", self._default_collection, exc)
-        except ServiceError as exc:
-            log.error("default collection %r: %s", self._default_collection, exc)
+    async def check_default_collection(self, retry_s: float = 5.0) -> None:
+        """At start-up, say at once if the default collection belongs to another
+        model; while Milvus or the embedder cannot answer, try again."""
+        while True:
+            try:
+                await self._open(self._default_collection, None)
+                return
+            except DependencyUnavailable as exc:
+                log.warning("default collection %r not checked yet (again in %.0f s): %s",
+                            self._default_collection, retry_s, exc)
+            except ServiceError as exc:
+                log.error("default collection %r: %s", self._default_collection, exc)
+                return
+            await asyncio.sleep(retry_s)
 
     def close(self) -> None:
         """Let in-flight Milvus calls finish, and start no more: Milvus Lite

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -54,7 +55,11 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
             [result] = client.ingest([IngestItem(photo(), "x")], collection="fresh")
             assert result.status == IngestResult.INSERTED
             assert client.stats().model == "other/clip"
-        assert "holds" in service.log()  # reported at start-up too
+        # Reported at start-up too (retried if Milvus Lite was slow to load it).
+        deadline = time.monotonic() + 30
+        while "holds" not in service.log() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "holds" in service.log()
     finally:
         assert service.stop() == 0
 
