@@ -34,23 +34,24 @@ def _caller(target: str, channel: grpc.aio.Channel, batch: int, jpegs: list[byte
     """An async function sending one request of `batch` items per call."""
     counter = itertools.count()
     if target == "EncodeText":
-        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         return lambda: stub.EncodeText(embedder_pb2.EncodeTextRequest(
             texts=[QUERIES[next(counter) % len(QUERIES)] for _ in range(batch)]))
     if target == "EncodeImage":
-        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         return lambda: stub.EncodeImage(embedder_pb2.EncodeImageRequest(
             images=[jpegs[next(counter) % len(jpegs)] for _ in range(batch)]))
-    stub = search_pb2_grpc.ImageSearchStub(channel)
+    stub = search_pb2_grpc.ImageSearchServiceStub(channel)
     if target == "SearchByText":
         return lambda: stub.SearchByText(search_pb2.SearchByTextRequest(
             query=QUERIES[next(counter) % len(QUERIES)], top_k=10))
 
     async def ingest():  # every item new: a fresh id, so each one is embedded and written
-        requests = [search_pb2.IngestRequest(image=unique(jpegs[n % len(jpegs)], worker << 32 | n))
-                    for n in (next(counter) for _ in range(batch))]
-        results = [r async for r in stub.Ingest(iter(requests))]
-        failed = [r.error for r in results if r.status == search_pb2.IngestResult.FAILED]
+        request = search_pb2.IngestRequest(items=[
+            search_pb2.IngestItem(image=unique(jpegs[n % len(jpegs)], worker << 32 | n))
+            for n in (next(counter) for _ in range(batch))])
+        results = [r async for response in stub.Ingest(iter([request])) for r in response.results]
+        failed = [r.error for r in results if r.status == search_pb2.IngestResult.STATUS_FAILED]
         if failed:
             raise RuntimeError(failed[0])
     return ingest

@@ -2,14 +2,24 @@
 on a real Milvus server: client -> search service -> embedder -> Milvus.
 
     python -m bench.search_rates --vectors 100000 --rates 5 10 20 40 80
+    python -m bench.search_rates --model tests/fixtures/shapes-clip --vectors 100000 \
+        --rates 10 20 --consistency bounded old-token fresh-token
 
 Starts a Milvus 2.3.5 standalone server (PyPI `milvus`), an embedder with a
-random-weight CLIP ViT-B/32 (bench/random_clip.py) and a search service;
+random-weight CLIP ViT-B/32 (bench/random_clip.py) or `--model`, and a search service;
 creates the collection through the service (one real ingest), bulk-loads
 `--vectors` random unit vectors straight into it, flushes, waits for the HNSW
 index, then sends text queries open-loop (a fixed schedule, whatever the
-answers do) at each rate for `--seconds`. Prints JSON per rate: p50/p99
-latency, errors by status, and the highest rate held with zero errors.
+answers do) at each rate for `--seconds`, in each `--consistency` mode:
+
+- bounded: no token (what every other caller pays);
+- old-token: the token of the seed ingest, minutes old (a writer's later searches);
+- fresh-token: a token at most 50 ms old, taken from Milvus's clock by a
+  background thread (a search right after its own write: the worst case,
+  as every search paid under Strong consistency before tokens).
+
+Prints JSON per rate and mode: p50/p99 latency, errors by status, and the
+highest rate held with zero errors.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import asyncio
 import hashlib
 import json
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,19 +78,43 @@ def wait_indexed(uri: str, rows: int, timeout_s: float = 1800) -> float:
     raise TimeoutError(f"index not built after {timeout_s} s: {index}")
 
 
-async def open_loop(address: str, rate: float, seconds: float, timeout_s: float = 5.0) -> dict:
-    """Send SearchByText at `rate` per second for `seconds`; latency of each."""
+class FreshTokens:
+    """A consistency token from Milvus's clock, renewed every 50 ms."""
+
+    def __init__(self, uri: str) -> None:
+        from pymilvus import MilvusClient
+        from search_service.consistency import encode
+        self._client, self._encode = MilvusClient(uri=uri), encode
+        self.token = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.token = self._encode(self._client._get_connection().alloc_timestamp())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+
+
+async def open_loop(address: str, rate: float, seconds: float, timeout_s: float = 5.0,
+                    token=lambda: b"") -> dict:
+    """Send SearchByText at `rate` per second for `seconds`, each with the
+    consistency token `token()`; latency of each."""
     latencies: list[float] = []
     codes: Counter = Counter()
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = search_pb2_grpc.ImageSearchStub(channel)
+        stub = search_pb2_grpc.ImageSearchServiceStub(channel)
 
         async def one(i: int) -> None:
             started = time.perf_counter()
             try:
                 await stub.SearchByText(search_pb2.SearchByTextRequest(
-                    query=QUERIES[i % len(QUERIES)], top_k=10, collection=COLLECTION),
-                    timeout=timeout_s)
+                    query=QUERIES[i % len(QUERIES)], top_k=10, collection=COLLECTION,
+                    consistency_token=token()), timeout=timeout_s)
                 codes["OK"] += 1
                 latencies.append(time.perf_counter() - started)
             except grpc.aio.AioRpcError as exc:
@@ -101,23 +136,30 @@ async def open_loop(address: str, rate: float, seconds: float, timeout_s: float 
             "p99_ms": round(float(np.percentile(ms, 99)), 1) if len(ms) else None}
 
 
-def _mean_ms(url: str, name: str, **labels: str) -> float | None:
+_STAGES = {  # stage -> (which service, metric, labels)
+    "search_service_SearchByText": ("search", "grpc_server_handling_seconds",
+                                    {"grpc_method": "SearchByText", "grpc_code": "OK"}),
+    "milvus_search_call": ("search", "search_milvus_call_seconds",
+                           {"operation": "search", "outcome": "ok"}),
+    "embedder_EncodeText": ("embedder", "grpc_server_handling_seconds",
+                            {"grpc_method": "EncodeText", "grpc_code": "OK"}),
+}
+
+
+def totals(services: dict) -> dict[str, tuple[float, float]]:
+    """(seconds, calls) so far per stage, from both services' metrics."""
     from tests.services import metric, scrape_url
-    samples = scrape_url(url)
-    count = metric(samples, f"{name}_count", **labels)
-    return round(1000 * metric(samples, f"{name}_sum", **labels) / count, 1) if count else None
+    samples = {name: scrape_url(service.metrics_url) for name, service in services.items()}
+    return {stage: (metric(samples[where], f"{name}_sum", **labels),
+                    metric(samples[where], f"{name}_count", **labels))
+            for stage, (where, name, labels) in _STAGES.items()}
 
 
-def profile(search, embedder) -> dict:
-    """Where a search's time went, from both services' metrics (all rates together)."""
-    return {
-        "search_service_SearchByText": _mean_ms(search.metrics_url, "grpc_server_handling_seconds",
-                                                grpc_method="SearchByText", grpc_code="OK"),
-        "milvus_search_call": _mean_ms(search.metrics_url, "search_milvus_call_seconds",
-                                       operation="search", outcome="ok"),
-        "embedder_EncodeText": _mean_ms(embedder.metrics_url, "grpc_server_handling_seconds",
-                                        grpc_method="EncodeText", grpc_code="OK"),
-    }
+def profile(before: dict, after: dict) -> dict:
+    """Mean milliseconds per call of each stage between two `totals`."""
+    return {stage: round(1000 * (after[stage][0] - before[stage][0])
+                         / (after[stage][1] - before[stage][1]), 1)
+            if after[stage][1] > before[stage][1] else None for stage in _STAGES}
 
 
 def main() -> None:
@@ -128,6 +170,10 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[5, 10, 20, 40, 80])
     p.add_argument("--seconds", type=float, default=20)
     p.add_argument("--torch-threads", default="2")
+    p.add_argument("--model", default="",
+                   help="checkpoint for the embedder (default: a random-weight ViT-B/32)")
+    p.add_argument("--consistency", nargs="+", default=["bounded"],
+                   choices=["bounded", "old-token", "fresh-token"])
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args()
     result: dict = {"vectors": args.vectors, "seconds_per_rate": args.seconds}
@@ -135,7 +181,7 @@ def main() -> None:
         tmp = Path(tmp)
         (tmp / "milvus").mkdir()
         milvus = MilvusServer(tmp / "milvus").wait_ready()
-        model = write_random_clip(tmp / "vit-b-32-random")
+        model = args.model or write_random_clip(tmp / "vit-b-32-random")
         embedder = start_embedder(tmp, "--model", str(model), "--torch-threads", args.torch_threads)
         search = None
         try:
@@ -143,22 +189,33 @@ def main() -> None:
             search = start_search(tmp, embedder.address, "--milvus-uri", milvus.uri).wait_ready()
             with SearchClient(search.address) as client:
                 list(client.ingest([IngestItem(make_jpegs(1)[0], "seed")], collection=COLLECTION))
-                dim = client.stats(COLLECTION).dim
+                dim = client.stats(COLLECTION).model.dim
+                old_token = client.consistency_token
             result["load_s"] = round(bulk_load(milvus.uri, dim, args.vectors), 1)
             result["index_wait_s"] = round(wait_indexed(milvus.uri, args.vectors), 1)
             with SearchClient(search.address) as client:
                 result["count"] = client.stats(COLLECTION).count
             asyncio.run(open_loop(search.address, 2, 5))  # warm-up
+            fresh = FreshTokens(milvus.uri)
+            tokens = {"bounded": lambda: b"", "old-token": lambda: old_token,
+                      "fresh-token": lambda: fresh.token}
             result["rates"] = []
-            for rate in args.rates:
-                run = asyncio.run(open_loop(search.address, rate, args.seconds))
-                result["rates"].append(run)
-                print(json.dumps(run), flush=True)
-                if run["errors"]:
-                    break
+            try:
+                services = {"search": search, "embedder": embedder}
+                for mode in args.consistency:
+                    before = totals(services)
+                    for rate in args.rates:
+                        run = {"consistency": mode, **asyncio.run(open_loop(
+                            search.address, rate, args.seconds, token=tokens[mode]))}
+                        result["rates"].append(run)
+                        print(json.dumps(run), flush=True)
+                        if run["errors"]:
+                            break
+                    result.setdefault("profile_mean_ms", {})[mode] = profile(before, totals(services))
+            finally:
+                fresh.close()
             held = [r["rate_per_s"] for r in result["rates"] if r["errors"] == 0]
             result["highest_rate_with_zero_errors"] = max(held) if held else None
-            result["profile_mean_ms"] = profile(search, embedder)
         finally:
             if search:
                 search.stop()

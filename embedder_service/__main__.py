@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     except DeviceDecodeUnavailable as exc:
         log.error("--image-decode gpu: %s", exc)
         sys.exit(2)
-    service_name = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
+    service_name = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
     asyncio.run(serve(
         config, name="embedder", service_names=[service_name],
-        register=lambda server: embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server),
-        ready=servicer.warm_up))
+        register=lambda server: embedder_pb2_grpc.add_EmbedderServiceServicer_to_server(servicer, server),
+        ready=servicer.warm_up, watch=servicer.health.watch))
 
 
 if __name__ == "__main__":

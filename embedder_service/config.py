@@ -29,7 +29,7 @@ class EmbedderConfig(ServerConfig):
 def build_parser() -> EnvArgumentParser:
     p = EnvArgumentParser(
         prog="python -m embedder_service", env_prefix="EMBEDDER_",
-        description="Serve CLIP text and image embeddings over gRPC (imagesearch.v1.Embedder). "
+        description="Serve CLIP text and image embeddings over gRPC (imagesearch.v1.EmbedderService). "
                     "Vectors are L2-normalised; texts longer than the model's context are truncated.")
     p.env_flag("--model", default=DEFAULT_MODEL,
                help="CLIP checkpoint: a Hugging Face hub id or a local directory written by "

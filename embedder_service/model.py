@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -58,6 +59,12 @@ def weights_fingerprint(model: CLIPModel) -> str:
     return digest.hexdigest()[:16]
 
 
+def public_name(name: str) -> str:
+    """The name a checkpoint is shown under: a hub id as given, a local
+    directory by its base name, so that no local path leaves the process."""
+    return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+
+
 def _features(output: torch.Tensor | object) -> torch.Tensor:
     # transformers 4.x returns the projected tensor; 5.x a ModelOutput whose
     # pooler_output is the projected tensor.
@@ -93,7 +100,7 @@ class ClipEncoder:
         # No token spans more than a few dozen characters, so longer texts can
         # be cut before tokenizing: a 1 MB text costs no more than a short one.
         self.max_text_chars = 64 * self.max_text_tokens
-        self.info = ModelInfo(name=name, dim=int(model.config.projection_dim),
+        self.info = ModelInfo(name=public_name(name), dim=int(model.config.projection_dim),
                               device=str(self.device), dtype=str(self.dtype).removeprefix("torch."),
                               fingerprint=fingerprint, max_text_tokens=self.max_text_tokens)
         self.text_graphs = self._capture_text_graphs() if cuda_graphs else None

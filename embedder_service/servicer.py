@@ -1,4 +1,4 @@
-"""The imagesearch.v1.Embedder gRPC servicer.
+"""The imagesearch.v1.EmbedderService gRPC servicer.
 
 The event loop only validates and answers. Images are decoded off it: JPEGs
 the GPU decoder takes (device_images.py) on two decode threads with their
@@ -20,6 +20,7 @@ from embedder_service.batcher import Batcher, Expired, QueueFull
 from embedder_service.config import EmbedderConfig
 from embedder_service.device_images import DeviceDecodeUnavailable, DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
+from embedder_service.model_health import ModelHealth
 from embedder_service.workers import CHUNK, make_pool, prepare
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -38,7 +39,25 @@ def _bad_items_message(kind: str, bad: list[tuple[int, str]]) -> str:
     return f"{len(bad)} bad item(s): {listed}{more}"
 
 
-class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
+def _row_chunks(parts: list, size: int) -> list[list]:
+    """The rows of `parts` (arrays or tensors, in order) as consecutive runs
+    of at most `size` rows, each a list of slices of the parts."""
+    chunks, current, room = [], [], size
+    for part in parts:
+        start = 0
+        while start < len(part):
+            take = min(room, len(part) - start)
+            current.append(part[start:start + take])
+            start, room = start + take, room - take
+            if room == 0:
+                chunks.append(current)
+                current, room = [], size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, encoder: ClipEncoder, config: EmbedderConfig) -> None:
         self._encoder = encoder
         self._config = config
@@ -60,10 +79,15 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self._decode_threads = (ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gpu-decode")
                                 if self._jpeg_decoder else None)
         info = encoder.info
-        self._info = embedder_pb2.ModelInfo(
-            name=info.name, dim=info.dim, device=info.device, dtype=info.dtype,
-            fingerprint=info.fingerprint, max_text_tokens=info.max_text_tokens,
-            max_batch_items=config.max_batch_items)
+        self._identity = embedder_pb2.ModelIdentity(name=info.name, fingerprint=info.fingerprint,
+                                                    dim=info.dim)
+        self._info = embedder_pb2.GetModelInfoResponse(
+            model=self._identity, device=info.device, dtype=info.dtype,
+            max_text_tokens=info.max_text_tokens,
+            limits=embedder_pb2.Limits(max_batch_items=config.max_batch_items,
+                                       max_request_bytes=config.max_message_mb << 20,
+                                       max_image_pixels=config.max_image_pixels))
+        self.health = ModelHealth(self._probe)
 
     def _device_decoder(self, choice: str) -> DeviceJpegDecoder | None:
         """The GPU JPEG decoder, or None for `cpu`. `gpu` that cannot work
@@ -89,30 +113,40 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                                 f"{count} {kind} in one request; the limit is "
                                 f"{self._config.max_batch_items}: split the request")
 
-    async def _encode(self, batcher: Batcher, payload, count: int,
+    async def _encode(self, batcher: Batcher, chunks: list[tuple[object, int]],
                       context: grpc.aio.ServicerContext) -> np.ndarray:
+        """The vectors of a request, submitted as `chunks` of at most one model
+        batch each: the model thread runs one batch at a time, so a small
+        text request waits for at most one batch of a large image request,
+        never for all of it."""
         # A call that expired or was cancelled before its batch runs costs no model time.
         remaining = context.time_remaining()
         if context.cancelled() or (remaining is not None and remaining <= 0):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before encoding")
+        tasks = [asyncio.ensure_future(batcher.submit(payload, count, remaining))
+                 for payload, count in chunks]
         try:
-            return await batcher.submit(payload, count, remaining)
+            vectors = np.concatenate(await asyncio.gather(*tasks))
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except Expired as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except Exception as exc:  # noqa: BLE001 - the model failed (e.g. out of memory)
+            self.health.record(False, f"{type(exc).__name__}: {exc}")
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"encoding failed: {type(exc).__name__}: {exc}")
+        finally:
+            for task in tasks:  # one chunk failed: the others need not run
+                task.cancel()
+        self.health.record(True)
+        return vectors
 
-    @staticmethod
-    def _response(vectors: np.ndarray, errors: dict[int, str] | None = None) -> embedder_pb2.EncodeResponse:
+    def _embeddings(self, vectors: np.ndarray, errors: dict[int, str] | None = None):
         errors = errors or {}
         rows = iter(vectors.astype("<f4", copy=False))
         total = len(vectors) + len(errors)
-        items = [embedder_pb2.Embedding(error=errors[i]) if i in errors
-                 else embedder_pb2.Embedding(vector=next(rows).tobytes()) for i in range(total)]
-        return embedder_pb2.EncodeResponse(embeddings=items, dim=vectors.shape[1])
+        return [embedder_pb2.Embedding(error=errors[i]) if i in errors
+                else embedder_pb2.Embedding(vector=next(rows).tobytes()) for i in range(total)]
 
     async def EncodeText(self, request, context):
         texts = list(request.texts)
@@ -120,8 +154,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         bad = [(i, "empty or only whitespace") for i, t in enumerate(texts) if not t.strip()]
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_items_message("texts", bad))
-        vectors = await self._encode(self.texts, texts, len(texts), context)
-        return self._response(vectors)
+        size = self._config.batch_size
+        chunks = [texts[start:start + size] for start in range(0, len(texts), size)]
+        vectors = await self._encode(self.texts, [(chunk, len(chunk)) for chunk in chunks], context)
+        return embedder_pb2.EncodeTextResponse(embeddings=self._embeddings(vectors),
+                                               model=self._identity)
 
     async def EncodeImage(self, request, context):
         images = list(request.images)
@@ -138,12 +175,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         if errors and not request.allow_partial:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 _bad_items_message("images", sorted(errors.items())))
-        if not order:
-            return embedder_pb2.EncodeResponse(
-                embeddings=[embedder_pb2.Embedding(error=errors[i]) for i in range(len(images))],
-                dim=self._info.dim)
-        vectors = await self._encode(self.images, parts, len(order), context)
-        return self._response(vectors[np.argsort(order)], errors)
+        vectors = np.zeros((0, self._identity.dim), dtype=np.float32)
+        if order:
+            chunks = _row_chunks(parts, self._config.batch_size)
+            vectors = await self._encode(self.images, [(chunk, sum(map(len, chunk)))
+                                                       for chunk in chunks], context)
+        return embedder_pb2.EncodeImageResponse(
+            embeddings=self._embeddings(vectors[np.argsort(order)], errors), model=self._identity)
 
     async def _prepare(self, images: list[bytes]):
         """(parts, order, errors): batches of crops of the usable images, whose
@@ -194,6 +232,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
 
     async def GetModelInfo(self, request, context):
         return self._info
+
+    async def _probe(self) -> None:
+        """One text and one image through the model, as a health check."""
+        loop = asyncio.get_running_loop()
+        height, width = self._encoder.preprocessor.crop_size
+        await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["probe"])
+        await loop.run_in_executor(self._model_thread, self._encoder.encode_images,
+                                   [np.zeros((1, height, width, 3), dtype=np.uint8)])
 
     async def warm_up(self) -> None:
         """Both encoders at batch 1 and at the full batch size, so the first

@@ -61,12 +61,12 @@ def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
     with tqdm(total=len(paths), unit="img", desc="ingest", disable=args.quiet) as bar:
         for result in client.ingest(items, collection=args.collection):
             counts[result.status] += 1
-            if result.status == IngestResult.FAILED:
+            if result.status == IngestResult.STATUS_FAILED:
                 failures.append((result.uri, result.error))
             bar.update(sum(counts.values()) + len(unsent) - bar.n)
     failures = unsent + failures
-    print(f"{len(paths)} images: {counts[IngestResult.INSERTED]} inserted, "
-          f"{counts[IngestResult.ALREADY_PRESENT]} already present, {len(failures)} failed")
+    print(f"{len(paths)} images: {counts[IngestResult.STATUS_INSERTED]} inserted, "
+          f"{counts[IngestResult.STATUS_ALREADY_PRESENT]} already present, {len(failures)} failed")
     for uri, why in failures:
         print(f"  failed: {uri}: {why}")
     return 1 if failures else 0
@@ -107,8 +107,8 @@ def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
 
 def cmd_stats(client: SearchClient, args: argparse.Namespace) -> int:
     stats = client.stats(args.collection)
-    print(f"collection {stats.collection}: {stats.count} images, {stats.dim}-d vectors, "
-          f"model {stats.model} ({stats.model_fingerprint})")
+    print(f"collection {stats.collection}: {stats.count} images, {stats.model.dim}-d vectors, "
+          f"model {stats.model.name} ({stats.model.fingerprint})")
     return 0
 
 

@@ -6,6 +6,12 @@
             print(hit.score, hit.uri)
 
 Failures raise `grpc.RpcError`; `.code()` and `.details()` say what and why.
+
+A SearchClient reads its own writes: it keeps the consistency token of the
+newest Ingest or Delete it made and passes it with every search and stats
+call, through any replica of the search service. Other writers' images show
+up within Milvus's staleness bound (a few seconds), or at once for a read
+given their token (`consistency_token=`).
 """
 from __future__ import annotations
 
@@ -23,6 +29,12 @@ DEFAULT_SEARCH_SERVER = "localhost:50052"
 DEFAULT_EMBEDDER_SERVER = "localhost:50051"
 
 IngestResult = search_pb2.IngestResult
+_ITEMS_PER_MESSAGE = 32  # images sent in one Ingest message: one receive, not 32
+
+
+class Hits(list):
+    """Hits, best first; `next_offset` pages on (0: no more hits)."""
+    next_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,59 +112,84 @@ class _Client:
 
 
 class SearchClient(_Client):
-    """Client of imagesearch.v1.ImageSearch."""
+    """Client of imagesearch.v1.ImageSearchService."""
 
     def __init__(self, server: str = DEFAULT_SEARCH_SERVER, timeout_s: float = 60.0,
                  max_message_mb: int = 64, security: Security | None = None) -> None:
         super().__init__(server, timeout_s, max_message_mb, security)
-        self._stub = search_pb2_grpc.ImageSearchStub(self._channel)
+        self._stub = search_pb2_grpc.ImageSearchServiceStub(self._channel)
+        # The newest write of this client: tokens compare as byte strings.
+        self.consistency_token = b""
+
+    def _seen(self, token: bytes) -> None:
+        self.consistency_token = max(self.consistency_token, token)
+
+    def _messages(self, items: Iterable[IngestItem], collection: str
+                  ) -> Iterator[search_pb2.IngestRequest]:
+        """Items grouped into messages of up to 32 images and half the message limit."""
+        request, size = search_pb2.IngestRequest(collection=collection), 0
+        for item in items:
+            if request.items and (len(request.items) == _ITEMS_PER_MESSAGE
+                                  or size + len(item.image) > self.max_message_bytes // 2):
+                yield request
+                request, size = search_pb2.IngestRequest(), 0
+            request.items.add(image=item.image, uri=item.uri, metadata=item.metadata)
+            size += len(item.image)
+        if request.items:
+            yield request
 
     def ingest(self, items: Iterable[IngestItem], collection: str = "",
                timeout_s: float | None = None) -> Iterator[search_pb2.IngestResult]:
         """Stream items in; yield one result per item as the server stores them.
         `timeout_s` bounds the whole stream (default: none)."""
-        requests = (search_pb2.IngestRequest(image=item.image, uri=item.uri,
-                                             metadata=item.metadata, collection=collection)
-                    for item in items)
-        yield from self._stub.Ingest(requests, timeout=timeout_s, metadata=self._metadata)
+        for response in self._stub.Ingest(self._messages(items, collection), timeout=timeout_s,
+                                          metadata=self._metadata):
+            self._seen(response.consistency_token)
+            yield from response.results
 
-    def _hits(self, response: search_pb2.SearchResponse) -> list[Hit]:
-        return [Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
-                for h in response.hits]
+    def _hits(self, response) -> Hits:
+        hits = Hits(Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
+                    for h in response.hits)
+        hits.next_offset = response.next_offset
+        return hits
 
     def search_text(self, query: str, top_k: int = 10, collection: str = "",
-                    **options) -> list[Hit]:
+                    **options) -> Hits:
         """`options`: see `search_options`."""
         request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection,
+                                                 consistency_token=self.consistency_token,
                                                  **search_options(**options))
         return self._hits(self._stub.SearchByText(request, **self._call))
 
     def search_image(self, image: bytes, top_k: int = 10, collection: str = "",
-                     **options) -> list[Hit]:
+                     **options) -> Hits:
         """`options`: see `search_options`."""
         request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection,
+                                                  consistency_token=self.consistency_token,
                                                   **search_options(**options))
         return self._hits(self._stub.SearchByImage(request, **self._call))
 
     def delete(self, ids: list[str], collection: str = "") -> search_pb2.DeleteResponse:
-        return self._stub.Delete(search_pb2.DeleteRequest(ids=ids, collection=collection),
-                                 **self._call)
+        response = self._stub.Delete(search_pb2.DeleteRequest(ids=ids, collection=collection),
+                                     **self._call)
+        self._seen(response.consistency_token)
+        return response
 
-    def stats(self, collection: str = "") -> search_pb2.Stats:
-        return self._stub.GetStats(search_pb2.GetStatsRequest(collection=collection),
-                                   **self._call)
+    def stats(self, collection: str = "") -> search_pb2.GetStatsResponse:
+        return self._stub.GetStats(search_pb2.GetStatsRequest(
+            collection=collection, consistency_token=self.consistency_token), **self._call)
 
 
 class EmbedderClient(_Client):
-    """Client of imagesearch.v1.Embedder; vectors come back as float32 numpy rows."""
+    """Client of imagesearch.v1.EmbedderService; vectors come back as float32 numpy rows."""
 
     def __init__(self, server: str = DEFAULT_EMBEDDER_SERVER, timeout_s: float = 60.0,
                  max_message_mb: int = 64, security: Security | None = None) -> None:
         super().__init__(server, timeout_s, max_message_mb, security)
-        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
 
     @staticmethod
-    def _matrix(response: embedder_pb2.EncodeResponse) -> np.ndarray:
+    def _matrix(response) -> np.ndarray:
         return np.stack([np.frombuffer(e.vector, dtype="<f4") for e in response.embeddings])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
@@ -163,5 +200,5 @@ class EmbedderClient(_Client):
         return self._matrix(self._stub.EncodeImage(embedder_pb2.EncodeImageRequest(images=images),
                                                    **self._call))
 
-    def model_info(self) -> embedder_pb2.ModelInfo:
+    def model_info(self) -> embedder_pb2.GetModelInfoResponse:
         return self._stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), **self._call)

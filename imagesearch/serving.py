@@ -3,8 +3,11 @@
 `serve` starts an asyncio gRPC server with
 - grpc.health.v1: the service "liveness" is SERVING from the moment the port
   opens until the process ends (a liveness probe); the overall status ""
-  and each API service go SERVING once `ready` has run, or follow `watch`
-  if one is given (a readiness probe);
+  and each API service go SERVING once `ready` has run, then follow `watch`
+  if one is given (a readiness probe: whether this process can serve);
+  "dependencies" follows `dependencies` if given (what the process needs
+  from elsewhere: reported, never a reason to leave the load balancer,
+  or one failing dependency would empty every replica at once);
 - server reflection, unless switched off;
 - the RpcInterceptor (request ids, per-RPC metrics) and a Prometheus
   endpoint on its own port;
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 OVERALL = ""  # the health service name that means "the whole server": readiness
 LIVENESS = "liveness"
+DEPENDENCIES = "dependencies"
 # Connections are closed (with GOAWAY, after in-flight calls) at this age, so
 # clients re-resolve DNS and spread onto replicas added since they connected.
 _MAX_CONNECTION_AGE_MS = 300_000
@@ -45,13 +49,15 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio.Server], None],
                 service_names: list[str], ready: Callable[[], Awaitable[None]] | None = None,
                 watch: Callable[[], AsyncIterator[bool]] | None = None,
+                dependencies: Callable[[], AsyncIterator[bool]] | None = None,
                 tokens: list[str] | None = None) -> None:
     """Run a server until SIGTERM/SIGINT.
 
     `register` adds the servicers; `ready` (optional) runs after the port is
     bound and before health says SERVING, e.g. a warm-up encode; `watch`
     (optional) yields whether the server can serve now, e.g. whether its
-    dependencies answer, and health follows it. With `tokens`, every call
+    model works, and readiness follows it; `dependencies` (optional) yields
+    whether they all answer, and the "dependencies" health name follows it. With `tokens`, every call
     but health checks needs one of them (TokenAuthInterceptor); with
     `config.tls_cert`, the port serves TLS only.
     """
@@ -75,13 +81,18 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
             [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
 
-    async def set_ready(serving: bool) -> None:
-        state = health_pb2.HealthCheckResponse.SERVING if serving else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        for service in [OVERALL, *service_names]:
-            await health.set(service, state)
+    def setter(names: list[str]) -> Callable[[bool], Awaitable[None]]:
+        async def set_health(serving: bool) -> None:
+            state = health_pb2.HealthCheckResponse.SERVING if serving else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in names:
+                await health.set(service, state)
+        return set_health
 
+    set_ready = setter([OVERALL, *service_names])
     await set_ready(False)
+    if dependencies is not None:
+        await health.set(DEPENDENCIES, health_pb2.HealthCheckResponse.NOT_SERVING)
     if config.tls_cert:
         try:
             credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -105,14 +116,16 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     log.info("%s listening on %s:%d (%s%s)", name, config.host, port,
              "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext",
              ", token required" if tokens else "")
-    watcher = None
+    watchers = []
     if watch is None:
         await set_ready(True)
     else:
-        watcher = asyncio.create_task(_follow(watch, set_ready))
+        watchers.append(asyncio.create_task(_follow(watch, set_ready)))
+    if dependencies is not None:
+        watchers.append(asyncio.create_task(_follow(dependencies, setter([DEPENDENCIES]))))
 
     await stop.wait()
-    if watcher:
+    for watcher in watchers:
         watcher.cancel()
     log.info("%s shutting down: finishing in-flight calls for up to %.1f s", name, config.grace_s)
     await health.enter_graceful_shutdown()

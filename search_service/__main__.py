@@ -35,12 +35,12 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
     servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch,
                                    config.max_message_mb << 20)
     startup_check = asyncio.create_task(servicer.check_default_collection())
-    service_name = search_pb2.DESCRIPTOR.services_by_name["ImageSearch"].full_name
+    service_name = search_pb2.DESCRIPTOR.services_by_name["ImageSearchService"].full_name
     try:
         await serve(config, name="search", service_names=[service_name],
-                    register=lambda server: search_pb2_grpc.add_ImageSearchServicer_to_server(
+                    register=lambda server: search_pb2_grpc.add_ImageSearchServiceServicer_to_server(
                         servicer, server),
-                    watch=lambda: watch_dependencies(servicer.dependency_problems),
+                    dependencies=lambda: watch_dependencies(servicer.dependency_problems),
                     tokens=tokens)
     finally:
         startup_check.cancel()

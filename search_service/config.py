@@ -39,7 +39,7 @@ class SearchConfig(ServerConfig):
 def build_parser() -> EnvArgumentParser:
     p = EnvArgumentParser(
         prog="python -m search_service", env_prefix="SEARCH_",
-        description="Serve text-to-image search over gRPC (imagesearch.v1.ImageSearch): "
+        description="Serve text-to-image search over gRPC (imagesearch.v1.ImageSearchService): "
                     "ingest images, search by text or image, delete, stats. Vectors come from "
                     "the embedder service; rows live in Milvus (an embedded Milvus Lite file "
                     "by default, or a server with --milvus-uri). A Milvus token is read from "

@@ -8,10 +8,22 @@ The target may name several embedders: a DNS name with many addresses
 (`dns:///embedder-headless:50051`, a Kubernetes headless Service) or a list
 (`ipv4:10.0.0.1:50051,10.0.0.2:50051`). Calls go round-robin over all of
 them, and a call that finds its embedder gone is retried on another.
+
+Replicas need not agree, and change under rolling updates, so nothing one of
+them said is trusted for the next call:
+- every response names its model, and a response from another model than
+  the caller expects is never used: the call is retried (round-robin takes
+  it to another replica) and, if no replica serves that model, fails with
+  FAILED_PRECONDITION naming both;
+- requests are sized to the limits an embedder reported (`GetModelInfo`),
+  learned again whenever one refuses a request as too large.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -21,11 +33,13 @@ from imagesearch import tracing
 from imagesearch.observability import outgoing_metadata
 from imagesearch.serving import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
-from search_service.errors import (DeadlineExceeded, DependencyUnavailable, InvalidArgument,
+from search_service.errors import (DeadlineExceeded, DependencyUnavailable, ModelMismatch,
                                    Overloaded, ServiceError)
 from search_service.store import ModelIdentity
 
-_SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
+log = logging.getLogger(__name__)
+
+_SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
 _MARGIN_S = 0.02  # left to the caller's side to write its answer
 # Calls fail fast (UNAVAILABLE) while the embedder is down; these keep the
 # channel's reconnect backoff short, so it recovers within a second of the
@@ -38,13 +52,41 @@ _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_b
               ("grpc.keepalive_permit_without_calls", 1)]
 # Every embedder method is idempotent, so an UNAVAILABLE (the replica died
 # under the call) is retried, on another replica where there is one.
+# Client-side health checking: round-robin sends calls only to replicas whose
+# grpc.health.v1 status is SERVING, so one still warming up, or whose model
+# keeps failing, gets none.
 _SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
     "methodConfig": [{
         "name": [{"service": _SERVICE}],
         "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
                         "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 _BALANCING = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+# Tries of a call whose answers come from another model than expected:
+# round-robin sends each to the next replica.
+_MODEL_ATTEMPTS = 4
+_ITEM_OVERHEAD = 6  # protobuf bytes around each image in a request: tag and length
+_REQUEST_OVERHEAD = 64  # the rest of a request: allow_partial, gRPC framing
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one embedder request may hold."""
+    max_items: int
+    max_bytes: int
+
+
+class _TooLarge(Exception):
+    """An embedder refused a request we built as too large for it."""
+
+
+def _identity(model: embedder_pb2.ModelIdentity) -> ModelIdentity:
+    return ModelIdentity(name=model.name, fingerprint=model.fingerprint, dim=model.dim)
+
+
+def _vectors(response) -> list[np.ndarray | str]:
+    return [item.error or np.frombuffer(item.vector, dtype="<f4") for item in response.embeddings]
 
 
 class EmbedderClient:
@@ -53,12 +95,13 @@ class EmbedderClient:
         """`credentials`: TLS (see imagesearch.security); None for plaintext."""
         self._target = target
         self._timeout_s = timeout_s
+        self._max_message_bytes = max_message_bytes
         options = channel_options(max_message_bytes) + _RECONNECT + _BALANCING
         self._channel = grpc.aio.secure_channel(target, credentials, options) if credentials \
             else grpc.aio.insecure_channel(target, options)
-        self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
+        self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._model: ModelIdentity | None = None
+        self._limits: Limits | None = None
 
     def _timeout(self, context: grpc.aio.ServicerContext | None) -> float:
         remaining = context.time_remaining() if context is not None else None
@@ -68,15 +111,17 @@ class EmbedderClient:
             raise DeadlineExceeded("the caller's deadline passed before the embedder was called")
         return min(self._timeout_s, remaining - _MARGIN_S)
 
-    def _error(self, exc: grpc.aio.AioRpcError) -> ServiceError:
-        code, details = exc.code(), exc.details()
+    def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
+        code, details = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.UNAVAILABLE:
-            self._model = None  # it may come back with another model
             return DependencyUnavailable(f"embedder at {self._target} is unavailable: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"embedder at {self._target} did not answer in time")
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidArgument(details)
+        # This service validated the caller's input and sized the request itself, so
+        # a refusal is about a limit of the embedder, never the caller's mistake.
+        if code == grpc.StatusCode.INVALID_ARGUMENT or (
+                code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than" in details):
+            return _TooLarge(details)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return Overloaded(f"embedder at {self._target}: {details}")
         return ServiceError(f"embedder at {self._target} failed: {code.name}: {details}")
@@ -95,25 +140,95 @@ class EmbedderClient:
                                                 f"within {self._timeout_s:g} s") from exc
                 raise self._error(exc) from exc
 
-    async def model(self, context: grpc.aio.ServicerContext | None = None) -> ModelIdentity:
-        """The embedder's model; asked once, and again after the embedder was unreachable."""
-        if self._model is None:
-            info = await self._call("GetModelInfo", embedder_pb2.GetModelInfoRequest(), context)
-            self._model = ModelIdentity(name=info.name, fingerprint=info.fingerprint, dim=info.dim)
-        return self._model
+    async def _encode(self, method: str, request, expect: ModelIdentity | None, context):
+        """A response from the `expect`ed model (any model when None), and that model."""
+        for _ in range(_MODEL_ATTEMPTS):
+            response = await self._call(method, request, context)
+            model = _identity(response.model)
+            if expect is None or expect.same(model):
+                return response, model
+            log.warning("embedder at %s answered with model %s, not %s: trying another replica",
+                        self._target, model, expect)
+        raise ModelMismatch(f"the embedder at {self._target} serves model {model}, but this "
+                            f"collection holds vectors of model {expect}: run embedders with the "
+                            "collection's model, or use another collection")
 
-    async def encode_text(self, text: str, context: grpc.aio.ServicerContext) -> np.ndarray:
-        response = await self._call("EncodeText", embedder_pb2.EncodeTextRequest(texts=[text]),
-                                    context)
+    async def model_info(self, context: grpc.aio.ServicerContext | None = None) -> ModelIdentity:
+        """One embedder's model; learns its limits too."""
+        info = await self._call("GetModelInfo", embedder_pb2.GetModelInfoRequest(), context)
+        limits = Limits(max_items=info.limits.max_batch_items,
+                        max_bytes=min(info.limits.max_request_bytes, self._max_message_bytes))
+        if limits != self._limits:
+            log.info("embedder limits: %d items and %d bytes per request", limits.max_items,
+                     limits.max_bytes)
+            self._limits = limits
+        return _identity(info.model)
+
+    async def _current_limits(self, context) -> Limits:
+        if self._limits is None:
+            await self.model_info(context)
+        return self._limits
+
+    async def encode_text(self, text: str, expect: ModelIdentity | None,
+                          context: grpc.aio.ServicerContext) -> np.ndarray:
+        try:
+            response, _ = await self._encode("EncodeText", embedder_pb2.EncodeTextRequest(texts=[text]),
+                                             expect, context)
+        except _TooLarge as exc:
+            raise ServiceError(f"embedder at {self._target} refused a one-text request: {exc}") from exc
         return np.frombuffer(response.embeddings[0].vector, dtype="<f4")
 
-    async def encode_images(self, images: list[bytes],
-                            context: grpc.aio.ServicerContext) -> list[np.ndarray | str]:
-        """One vector, or the reason the image could not be encoded, per image."""
-        response = await self._call(
-            "EncodeImage", embedder_pb2.EncodeImageRequest(images=images, allow_partial=True),
-            context)
-        return [item.error or np.frombuffer(item.vector, dtype="<f4") for item in response.embeddings]
+    async def encode_images(self, images: list[bytes], expect: ModelIdentity | None,
+                            context: grpc.aio.ServicerContext
+                            ) -> tuple[list[np.ndarray | str], ModelIdentity | None]:
+        """One vector, or the reason it could not be made, per image, all from
+        one model: `expect`, or when None the model of the first answer. Also
+        that model (None when no image was sent). Requests are cut to the
+        embedder's limits; a refusal as too large teaches new limits once."""
+        for attempt in range(2):
+            limits = await self._current_limits(context)
+            try:
+                return await self._encode_within(images, limits, expect, context)
+            except _TooLarge as exc:
+                if attempt:
+                    raise ServiceError(f"embedder at {self._target} refused a request sized to "
+                                       f"its limits ({limits}): {exc}") from exc
+                log.info("embedder at %s refused a request as too large (%s): asking its limits "
+                         "again", self._target, exc)
+                self._limits = None
+        raise AssertionError("unreachable")
+
+    async def _encode_within(self, images: list[bytes], limits: Limits,
+                             expect: ModelIdentity | None, context):
+        results: list[np.ndarray | str] = [""] * len(images)
+        requests: list[list[int]] = [[]]
+        size = _REQUEST_OVERHEAD
+        for i, image in enumerate(images):
+            cost = len(image) + _ITEM_OVERHEAD
+            if cost + _REQUEST_OVERHEAD > limits.max_bytes:
+                results[i] = (f"image is {len(image)} bytes; the embedder takes at most "
+                              f"{limits.max_bytes - _REQUEST_OVERHEAD - _ITEM_OVERHEAD}")
+                continue
+            if requests[-1] and (len(requests[-1]) == limits.max_items
+                                 or size + cost > limits.max_bytes):
+                requests.append([])
+                size = _REQUEST_OVERHEAD
+            requests[-1].append(i)
+            size += cost
+        requests = [r for r in requests if r]
+
+        async def send(index: list[int]) -> ModelIdentity:
+            request = embedder_pb2.EncodeImageRequest(images=[images[i] for i in index],
+                                                      allow_partial=True)
+            response, model = await self._encode("EncodeImage", request, expect, context)
+            for i, vector in zip(index, _vectors(response)):
+                results[i] = vector
+            return model
+
+        if requests and expect is None:  # the first answer says which model all must be from
+            expect = await send(requests.pop(0))
+        await asyncio.gather(*(send(index) for index in requests))
+        return results, expect
 
     async def check(self, timeout_s: float) -> None:
         """Raise DependencyUnavailable unless an embedder says it is SERVING."""

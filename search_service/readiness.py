@@ -1,15 +1,21 @@
-"""Readiness: the search service is SERVING only while both its
-dependencies, the embedder and Milvus, answer. Checked every few seconds;
-each change is logged with the reason."""
+"""The search service's dependencies, the embedder and Milvus: checked every
+few seconds, reported under the "dependencies" health name and the
+`search_dependency_up` gauge, and each change logged with the reason. They
+never make the process itself NOT_SERVING: calls that need a missing one
+fail fast with UNAVAILABLE naming it, and the others keep working."""
 from __future__ import annotations
 
 import asyncio
 import logging
 from typing import AsyncIterator, Awaitable, Callable
 
+from prometheus_client import Gauge
+
 log = logging.getLogger(__name__)
 
 INTERVAL_S = 2.0
+DEPENDENCIES = ("embedder", "milvus")
+UP = Gauge("search_dependency_up", "1 while the dependency answers, else 0", ["dependency"])
 
 
 async def watch_dependencies(problems: Callable[[], Awaitable[dict[str, str]]],
@@ -19,11 +25,14 @@ async def watch_dependencies(problems: Callable[[], Awaitable[dict[str, str]]],
     failing: set[str] | None = None
     while True:
         found = await problems()
+        for name in DEPENDENCIES:
+            UP.labels(name).set(name not in found)
         if set(found) != failing:
             if found:
-                log.warning("not ready: %s", "; ".join(found.values()))
+                log.warning("dependency down (still serving what does not need it): %s",
+                            "; ".join(found.values()))
             elif failing:
-                log.info("ready: the embedder and Milvus answer again")
+                log.info("dependencies: the embedder and Milvus answer again")
             failing = set(found)
         yield not found
         await asyncio.sleep(interval_s)

@@ -8,8 +8,11 @@ One collection holds the vectors of one model. Its schema is explicit:
     metadata  JSON, a string-to-string map
 
 and its properties record the model name and weights fingerprint, so that
-vectors of two different models never meet in one collection. Every read
-uses Strong consistency: a search right after an acknowledged write sees it.
+vectors of two different models never meet in one collection (the servicer
+checks every embedder response against them). Searches and counts see the
+writes of a consistency token (consistency.py), or are Bounded without one;
+the ingest's own duplicate check is Strong, so an acknowledged image is
+never acknowledged as new again. Milvus Lite reads are always Strong.
 
 On a Milvus server the vector index is HNSW with configurable M,
 efConstruction and search ef; Milvus Lite builds what it supports for
@@ -51,7 +54,7 @@ MAX_URI_LENGTH = 4096
 MAX_RESULT_WINDOW = 16384  # Milvus's limit on top_k + offset
 _MODEL_PROP = "imagesearch.model"
 _FINGERPRINT_PROP = "imagesearch.fingerprint"
-_READ = {"consistency_level": "Strong"}
+_STRONG = {"consistency_level": "Strong"}
 # Raised by pymilvus before any call when a request is malformed.
 _REQUEST_ERRORS = (ParamError, DataNotMatchException, DataTypeNotMatchException)
 _ROW_OVERHEAD = 128  # bytes per row beyond its fields, in the insert request
@@ -62,6 +65,13 @@ class ModelIdentity:
     name: str
     fingerprint: str
     dim: int
+
+    def same(self, other: "ModelIdentity") -> bool:
+        """Whether both make the same vectors (names may differ for the same weights)."""
+        return (self.fingerprint, self.dim) == (other.fingerprint, other.dim)
+
+    def __str__(self) -> str:
+        return f"{self.name!r} ({self.dim}-d, fingerprint {self.fingerprint})"
 
 
 @dataclass(frozen=True)
@@ -114,8 +124,7 @@ class MilvusStore:
         self._connect_lock = threading.Lock()
         self._open_lock = threading.Lock()
         # What is known of each collection, so each is checked once per process.
-        self._loaded: set[str] = set()
-        self._matched: set[tuple[str, ModelIdentity]] = set()  # (collection, model) that match
+        self._loaded: dict[str, ModelIdentity] = {}
 
     def connect(self) -> MilvusClient:
         """The client, connecting first if there is none (yet, or since a failure)."""
@@ -136,17 +145,18 @@ class MilvusStore:
         connection, a timeout, a server still recovering after a restart."""
         # A collection may have been dropped, released or restored meanwhile.
         self._loaded.clear()
-        self._matched.clear()
         if isinstance(exc, _REQUEST_ERRORS) or getattr(exc, "is_input_error", False):
             return ServiceError(f"Milvus refused to {action}: {_message(exc)}")
         return DependencyUnavailable(f"Milvus at {self.uri} is unavailable ({action}): "
                                      f"{_message(exc)}; retry with backoff")
 
-    def _call(self, action: str, method: str, *args, **kwargs):
+    def _call(self, action: str, method: str, *args, handler: bool = False, **kwargs):
+        """`handler`: call pymilvus's connection handler rather than MilvusClient."""
         client = self.connect()
+        target = client._get_connection() if handler else client
         started, outcome = time.perf_counter(), "error"
         try:
-            result = getattr(client, method)(*args, timeout=self._timeout_s, **kwargs)
+            result = getattr(target, method)(*args, timeout=self._timeout_s, **kwargs)
             outcome = "ok"
             return result
         except (MilvusException, grpc.RpcError) as exc:
@@ -154,28 +164,36 @@ class MilvusStore:
         finally:
             MILVUS_CALLS.labels(method, outcome).observe(time.perf_counter() - started)
 
-    def open(self, name: str, model: ModelIdentity | None = None, create: bool = False) -> None:
-        """Make sure `name` exists (created for `model` if `create`) and is
-        loaded and, when `model` is given, that it was built with that model.
-        One caller at a time: two first requests must not both create it."""
-        if name in self._loaded and (model is None or (name, model) in self._matched):
-            return
-        with self._open_lock:
-            self._open(name, model, create)
+    def open(self, name: str) -> ModelIdentity:
+        """The model `name` was built with, once it is loaded; CollectionNotFound
+        when it does not exist."""
+        if name in self._loaded:
+            return self._loaded[name]
+        with self._open_lock:  # one caller at a time loads (or, in create, creates) it
+            return self._open(name)
 
-    def _open(self, name: str, model: ModelIdentity | None, create: bool) -> None:
-        if name not in self._loaded:
+    def create(self, name: str, model: ModelIdentity) -> ModelIdentity:
+        """Open `name`, creating it for `model` first if it does not exist. The
+        model it was built with, which differs from `model` when another
+        process created it first for another model: the caller checks."""
+        if name in self._loaded:
+            return self._loaded[name]
+        with self._open_lock:
             if not self._call("list collections", "has_collection", name):
-                if not (create and model):
-                    raise CollectionNotFound(name)
-                self._create(name, model)
-                self._matched.add((name, model))
+                try:
+                    self._create(name, model)
+                except ServiceError:  # another process may have created it meanwhile
+                    if not self._call("list collections", "has_collection", name):
+                        raise
+            return self._open(name)
+
+    def _open(self, name: str) -> ModelIdentity:
+        if name not in self._loaded:
+            built = self.describe(name)
             # An existing collection starts out released after a Milvus restart.
             self._call(f"load collection {name!r}", "load_collection", name)
-            self._loaded.add(name)
-        if model is not None and (name, model) not in self._matched:
-            self._check_identity(name, model)
-            self._matched.add((name, model))
+            self._loaded[name] = built
+        return self._loaded[name]
 
     def _create(self, name: str, model: ModelIdentity) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -209,20 +227,19 @@ class MilvusStore:
                              fingerprint=props.get(_FINGERPRINT_PROP, "?"),
                              dim=int(fields["vector"]["params"]["dim"]))
 
-    def _check_identity(self, name: str, model: ModelIdentity) -> None:
-        built = self.describe(name)
-        if (built.dim, built.fingerprint) != (model.dim, model.fingerprint):
-            raise ModelMismatch(
-                f"collection {name!r} holds {built.dim}-d vectors of model {built.name!r} "
-                f"(fingerprint {built.fingerprint}), but the embedder serves {model.dim}-d model "
-                f"{model.name!r} (fingerprint {model.fingerprint}): run the embedder with the "
-                "collection's model, or use another collection")
-
     def existing_ids(self, name: str, ids: list[str]) -> set[str]:
         if not ids:
             return set()
-        rows = self._call("read ids", "get", name, ids=ids, output_fields=["id"], **_READ)
+        rows = self._call("read ids", "get", name, ids=ids, output_fields=["id"], **_STRONG)
         return {row["id"] for row in rows}
+
+    def _read(self, after: int) -> dict:
+        """Consistency of a search or count that must see the write stamped `after` (0: none)."""
+        if self._hnsw is None:  # Milvus Lite: one process, no time ticks to wait for
+            return _STRONG
+        if after:
+            return {"consistency_level": "Customized", "guarantee_timestamp": after}
+        return {"consistency_level": "Bounded"}
 
     def write(self, name: str, rows: list[Row]) -> None:
         """Upsert, not insert: two concurrent ingests of one image leave one row.
@@ -233,15 +250,25 @@ class MilvusStore:
         if rows:
             log.debug("wrote %d rows to %r in %d requests", len(rows), name, len(parts))
 
-    def search(self, name: str, vector: list[float], top_k: int, offset: int = 0,
-               expr: str = "") -> list[dict]:
+    def timestamp(self) -> int:
+        """A Milvus timestamp later than every write Milvus has acknowledged or
+        shown so far: the consistency token of what the caller just wrote or
+        read. 0 on Milvus Lite, whose reads are Strong anyway. pymilvus's
+        MilvusClient has no public call for it (nor returns write
+        timestamps), so this asks its connection handler."""
+        if self._hnsw is None:
+            return 0
+        return self._call("allocate a timestamp", "alloc_timestamp", handler=True)
+
+    def search(self, name: str, vector: list[float], limit: int, offset: int = 0,
+               expr: str = "", after: int = 0) -> list[dict]:
         """Hits as dicts with id, score, uri and metadata, best first."""
         params: dict = {"metric_type": "COSINE"}
         if self._hnsw:  # HNSW needs ef >= the hits it must find
-            params["params"] = {"ef": max(self._hnsw.ef, top_k + offset)}
-        result = self._call("search", "search", name, data=[vector], limit=top_k, offset=offset,
+            params["params"] = {"ef": max(self._hnsw.ef, limit + offset)}
+        result = self._call("search", "search", name, data=[vector], limit=limit, offset=offset,
                             filter=expr, output_fields=["uri", "metadata"],
-                            search_params=params, **_READ)
+                            search_params=params, **self._read(after))
         return [{"id": hit["id"], "score": hit["distance"], "uri": hit["entity"]["uri"],
                  "metadata": hit["entity"]["metadata"] or {}} for hit in result[0]]
 
@@ -252,9 +279,9 @@ class MilvusStore:
             self._call(f"delete from {name!r}", "delete", name, ids=sorted(present))
         return present
 
-    def count(self, name: str) -> int:
+    def count(self, name: str, after: int = 0) -> int:
         rows = self._call("count rows", "query", name, filter="", output_fields=["count(*)"],
-                          **_READ)
+                          **self._read(after))
         return int(rows[0]["count(*)"])
 
     def ping(self) -> None:

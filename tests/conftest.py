@@ -9,7 +9,7 @@ import pytest
 
 from imagesearch.client import EmbedderClient, SearchClient
 from imagesearch.v1 import search_pb2_grpc
-from tests.services import MilvusServer, imgsearch, start_embedder, start_search
+from tests.services import MilvusServer, eventually, imgsearch, start_embedder, start_search
 
 EVAL_SEED = 7  # never used for training (tools/train_test_model.py)
 EVAL_PER_LABEL = 10
@@ -55,7 +55,7 @@ def search(search_service):
 @pytest.fixture(scope="session")
 def search_stub(search_service):
     with grpc.insecure_channel(search_service.address) as channel:
-        yield search_pb2_grpc.ImageSearchStub(channel)
+        yield search_pb2_grpc.ImageSearchServiceStub(channel)
 
 
 @pytest.fixture(scope="session")
@@ -72,4 +72,8 @@ def ingested(search_service, eval_images):
     """The eval set ingested through the CLI into the default collection."""
     run = imgsearch(search_service.address, "ingest", str(eval_images), "--quiet")
     assert run.returncode == 0, run.stderr + run.stdout
+    # The CLI's consistency token ended with it: other readers see its writes
+    # within Milvus's staleness bound (at once on Milvus Lite).
+    with SearchClient(search_service.address) as client:
+        eventually(lambda: client.stats().count == 24 * EVAL_PER_LABEL, 30)
     return run

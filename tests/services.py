@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -23,6 +24,15 @@ from imagesearch.health import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MODEL = ROOT / "tests" / "fixtures" / "shapes-clip"
+
+
+def eventually(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> None:
+    """Wait until `predicate()` holds; fail after `timeout_s`. For state that
+    no event announces (a log line, a metric, a row count): it polls."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not true after {timeout_s} s: {predicate}"
+        time.sleep(interval_s)
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dimagesearch/v1/embedder.proto\x12\x0eimagesearch.v1\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\";\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x15\n\rallow_partial\x18\x02 \x01(\x08\"*\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"L\n\x0e\x45ncodeResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.imagesearch.v1.Embedding\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\"\x15\n\x13GetModelInfoRequest\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x17\n\x0fmax_text_tokens\x18\x06 \x01(\r\x12\x17\n\x0fmax_batch_items\x18\x07 \x01(\r2\xfe\x01\n\x08\x45mbedder\x12O\n\nEncodeText\x12!.imagesearch.v1.EncodeTextRequest\x1a\x1e.imagesearch.v1.EncodeResponse\x12Q\n\x0b\x45ncodeImage\x12\".imagesearch.v1.EncodeImageRequest\x1a\x1e.imagesearch.v1.EncodeResponse\x12N\n\x0cGetModelInfo\x12#.imagesearch.v1.GetModelInfoRequest\x1a\x19.imagesearch.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dimagesearch/v1/embedder.proto\x12\x0eimagesearch.v1\"\"\n\x11\x45ncodeTextRequest\x12\r\n\x05texts\x18\x01 \x03(\t\";\n\x12\x45ncodeImageRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x15\n\rallow_partial\x18\x02 \x01(\x08\"?\n\rModelIdentity\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\"*\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"q\n\x12\x45ncodeTextResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.imagesearch.v1.Embedding\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.imagesearch.v1.ModelIdentity\"r\n\x13\x45ncodeImageResponse\x12-\n\nembeddings\x18\x01 \x03(\x0b\x32\x19.imagesearch.v1.Embedding\x12,\n\x05model\x18\x02 \x01(\x0b\x32\x1d.imagesearch.v1.ModelIdentity\"\x15\n\x13GetModelInfoRequest\"V\n\x06Limits\x12\x17\n\x0fmax_batch_items\x18\x01 \x01(\x05\x12\x19\n\x11max_request_bytes\x18\x02 \x01(\x03\x12\x18\n\x10max_image_pixels\x18\x03 \x01(\x03\"\xa4\x01\n\x14GetModelInfoResponse\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.imagesearch.v1.ModelIdentity\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x17\n\x0fmax_text_tokens\x18\x04 \x01(\x05\x12&\n\x06limits\x18\x05 \x01(\x0b\x32\x16.imagesearch.v1.Limits2\x99\x02\n\x0f\x45mbedderService\x12S\n\nEncodeText\x12!.imagesearch.v1.EncodeTextRequest\x1a\".imagesearch.v1.EncodeTextResponse\x12V\n\x0b\x45ncodeImage\x12\".imagesearch.v1.EncodeImageRequest\x1a#.imagesearch.v1.EncodeImageResponse\x12Y\n\x0cGetModelInfo\x12#.imagesearch.v1.GetModelInfoRequest\x1a$.imagesearch.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODETEXTREQUEST']._serialized_end=83
   _globals['_ENCODEIMAGEREQUEST']._serialized_start=85
   _globals['_ENCODEIMAGEREQUEST']._serialized_end=144
-  _globals['_EMBEDDING']._serialized_start=146
-  _globals['_EMBEDDING']._serialized_end=188
-  _globals['_ENCODERESPONSE']._serialized_start=190
-  _globals['_ENCODERESPONSE']._serialized_end=266
-  _globals['_GETMODELINFOREQUEST']._serialized_start=268
-  _globals['_GETMODELINFOREQUEST']._serialized_end=289
-  _globals['_MODELINFO']._serialized_start=292
-  _globals['_MODELINFO']._serialized_end=432
-  _globals['_EMBEDDER']._serialized_start=435
-  _globals['_EMBEDDER']._serialized_end=689
+  _globals['_MODELIDENTITY']._serialized_start=146
+  _globals['_MODELIDENTITY']._serialized_end=209
+  _globals['_EMBEDDING']._serialized_start=211
+  _globals['_EMBEDDING']._serialized_end=253
+  _globals['_ENCODETEXTRESPONSE']._serialized_start=255
+  _globals['_ENCODETEXTRESPONSE']._serialized_end=368
+  _globals['_ENCODEIMAGERESPONSE']._serialized_start=370
+  _globals['_ENCODEIMAGERESPONSE']._serialized_end=484
+  _globals['_GETMODELINFOREQUEST']._serialized_start=486
+  _globals['_GETMODELINFOREQUEST']._serialized_end=507
+  _globals['_LIMITS']._serialized_start=509
+  _globals['_LIMITS']._serialized_end=595
+  _globals['_GETMODELINFORESPONSE']._serialized_start=598
+  _globals['_GETMODELINFORESPONSE']._serialized_end=762
+  _globals['_EMBEDDERSERVICE']._serialized_start=765
+  _globals['_EMBEDDERSERVICE']._serialized_end=1046
 # @@protoc_insertion_point(module_scope)

@@ -20,6 +20,16 @@ class EncodeImageRequest(_message.Message):
     allow_partial: bool
     def __init__(self, images: _Optional[_Iterable[bytes]] = ..., allow_partial: _Optional[bool] = ...) -> None: ...
 
+class ModelIdentity(_message.Message):
+    __slots__ = ("name", "fingerprint", "dim")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    dim: int
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dim: _Optional[int] = ...) -> None: ...
+
 class Embedding(_message.Message):
     __slots__ = ("vector", "error")
     VECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -28,32 +38,46 @@ class Embedding(_message.Message):
     error: str
     def __init__(self, vector: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
 
-class EncodeResponse(_message.Message):
-    __slots__ = ("embeddings", "dim")
+class EncodeTextResponse(_message.Message):
+    __slots__ = ("embeddings", "model")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
-    DIM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
-    dim: int
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., dim: _Optional[int] = ...) -> None: ...
+    model: ModelIdentity
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ...) -> None: ...
+
+class EncodeImageResponse(_message.Message):
+    __slots__ = ("embeddings", "model")
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    model: ModelIdentity
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class ModelInfo(_message.Message):
-    __slots__ = ("name", "dim", "device", "dtype", "fingerprint", "max_text_tokens", "max_batch_items")
-    NAME_FIELD_NUMBER: _ClassVar[int]
-    DIM_FIELD_NUMBER: _ClassVar[int]
+class Limits(_message.Message):
+    __slots__ = ("max_batch_items", "max_request_bytes", "max_image_pixels")
+    MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    max_batch_items: int
+    max_request_bytes: int
+    max_image_pixels: int
+    def __init__(self, max_batch_items: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+
+class GetModelInfoResponse(_message.Message):
+    __slots__ = ("model", "device", "dtype", "max_text_tokens", "limits")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
-    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
-    name: str
-    dim: int
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    model: ModelIdentity
     device: str
     dtype: str
-    fingerprint: str
     max_text_tokens: int
-    max_batch_items: int
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., fingerprint: _Optional[str] = ..., max_text_tokens: _Optional[int] = ..., max_batch_items: _Optional[int] = ...) -> None: ...
+    limits: Limits
+    def __init__(self, model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_text_tokens: _Optional[int] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ...) -> None: ...

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class EmbedderStub:
+class EmbedderServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,23 +35,23 @@ class EmbedderStub:
             channel: A grpc.Channel.
         """
         self.EncodeText = channel.unary_unary(
-                '/imagesearch.v1.Embedder/EncodeText',
+                '/imagesearch.v1.EmbedderService/EncodeText',
                 request_serializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeTextRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeResponse.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeTextResponse.FromString,
                 _registered_method=True)
         self.EncodeImage = channel.unary_unary(
-                '/imagesearch.v1.Embedder/EncodeImage',
+                '/imagesearch.v1.EmbedderService/EncodeImage',
                 request_serializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeImageRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeResponse.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeImageResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/imagesearch.v1.Embedder/GetModelInfo',
+                '/imagesearch.v1.EmbedderService/GetModelInfo',
                 request_serializer=imagesearch_dot_v1_dot_embedder__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_embedder__pb2.ModelInfo.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_embedder__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
 
 
-class EmbedderServicer:
+class EmbedderServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def EncodeText(self, request, context):
@@ -60,18 +60,21 @@ class EmbedderServicer:
 
         Errors:
         INVALID_ARGUMENT   no texts; a text that is empty or only whitespace;
-        more texts than the server's --max-batch-items.
-        (A very long text is cut, not refused.)
-        The message names every bad item ("texts[3]: ...").
-        RESOURCE_EXHAUSTED the request is larger than --max-message-mb, or the
-        queue in front of the model is full (--max-queue):
-        back off and retry, or add replicas.
+        more texts than `Limits.max_batch_items`. The
+        message names every bad item ("texts[3]: ..."), and
+        a google.rpc.BadRequest detail lists them as field
+        violations.
+        RESOURCE_EXHAUSTED the request is larger than
+        `Limits.max_request_bytes`, or the work admitted in
+        front of the model is at its bound: back off and
+        retry, or add replicas.
         DEADLINE_EXCEEDED  the caller's deadline passed before the result; a
         request that expires while queued never reaches
         the model.
         UNAVAILABLE        the server is starting or shutting down.
         INTERNAL           the model failed (e.g. out of GPU memory); the
-        message says how.
+        message says how. A server whose model keeps
+        failing reports NOT_SERVING until it recovers.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,52 +92,57 @@ class EmbedderServicer:
 
         Errors:
         INVALID_ARGUMENT   no images; an empty or undecodable image, or one
-        declaring more than --max-image-pixels, or too
-        elongated to resize (unless allow_partial); more
-        images than --max-batch-items.
-        The message names every bad item ("images[2]: ...").
+        declaring more than `Limits.max_image_pixels`, or
+        too elongated to resize (unless allow_partial);
+        more images than `Limits.max_batch_items`. The
+        message names every bad item ("images[2]: ..."),
+        with a google.rpc.BadRequest detail.
         RESOURCE_EXHAUSTED as for EncodeText.
         DEADLINE_EXCEEDED  as for EncodeText.
         UNAVAILABLE        the server is starting or shutting down.
+        INTERNAL           as for EncodeText.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Which model this server runs. Never fails once the server is serving.
+        """Which model this server runs, and the limits of its requests. Never
+        fails once the server is serving. Another replica behind the same
+        address may answer differently: check `EncodeTextResponse.model` and
+        `EncodeImageResponse.model` on every response that matters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_EmbedderServicer_to_server(servicer, server):
+def add_EmbedderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'EncodeText': grpc.unary_unary_rpc_method_handler(
                     servicer.EncodeText,
                     request_deserializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeTextRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeResponse.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeTextResponse.SerializeToString,
             ),
             'EncodeImage': grpc.unary_unary_rpc_method_handler(
                     servicer.EncodeImage,
                     request_deserializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeImageRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeResponse.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_embedder__pb2.EncodeImageResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=imagesearch_dot_v1_dot_embedder__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_embedder__pb2.ModelInfo.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_embedder__pb2.GetModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'imagesearch.v1.Embedder', rpc_method_handlers)
+            'imagesearch.v1.EmbedderService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('imagesearch.v1.Embedder', rpc_method_handlers)
+    server.add_registered_method_handlers('imagesearch.v1.EmbedderService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Embedder:
+class EmbedderService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -151,9 +159,9 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.Embedder/EncodeText',
+            '/imagesearch.v1.EmbedderService/EncodeText',
             imagesearch_dot_v1_dot_embedder__pb2.EncodeTextRequest.SerializeToString,
-            imagesearch_dot_v1_dot_embedder__pb2.EncodeResponse.FromString,
+            imagesearch_dot_v1_dot_embedder__pb2.EncodeTextResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -178,9 +186,9 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.Embedder/EncodeImage',
+            '/imagesearch.v1.EmbedderService/EncodeImage',
             imagesearch_dot_v1_dot_embedder__pb2.EncodeImageRequest.SerializeToString,
-            imagesearch_dot_v1_dot_embedder__pb2.EncodeResponse.FromString,
+            imagesearch_dot_v1_dot_embedder__pb2.EncodeImageResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -205,9 +213,9 @@ class Embedder:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.Embedder/GetModelInfo',
+            '/imagesearch.v1.EmbedderService/GetModelInfo',
             imagesearch_dot_v1_dot_embedder__pb2.GetModelInfoRequest.SerializeToString,
-            imagesearch_dot_v1_dot_embedder__pb2.ModelInfo.FromString,
+            imagesearch_dot_v1_dot_embedder__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,53 +22,60 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from imagesearch.v1 import embedder_pb2 as imagesearch_dot_v1_dot_embedder__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/search.proto\x12\x0eimagesearch.v1\"\xaf\x01\n\rIngestRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12=\n\x08metadata\x18\x03 \x03(\x0b\x32+.imagesearch.v1.IngestRequest.MetadataEntry\x12\x12\n\ncollection\x18\x04 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x0cIngestResult\x12\r\n\x05index\x18\x01 \x01(\x04\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32#.imagesearch.v1.IngestResult.Status\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"O\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08INSERTED\x10\x01\x12\x13\n\x0f\x41LREADY_PRESENT\x10\x02\x12\n\n\x06\x46\x41ILED\x10\x03\"\xa5\x01\n\x13SearchByTextRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\x12&\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x16.imagesearch.v1.Filter\x12\x0e\n\x06offset\x18\x05 \x01(\x05\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\xa6\x01\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\x12&\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x16.imagesearch.v1.Filter\x12\x0e\n\x06offset\x18\x05 \x01(\x05\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_min_score\"\x9c\x01\n\x06\x46ilter\x12\x36\n\x08metadata\x18\x01 \x03(\x0b\x32$.imagesearch.v1.Filter.MetadataEntry\x12\x12\n\nuri_prefix\x18\x02 \x01(\t\x1a\x46\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.imagesearch.v1.AnyOf:\x02\x38\x01\"\x17\n\x05\x41nyOf\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x93\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.imagesearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\x0eSearchResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.imagesearch.v1.Hit\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x03(\t\"%\n\x0fGetStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"a\n\x05Stats\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\r\n\x05model\x18\x04 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x05 \x01(\t2\x91\x03\n\x0bImageSearch\x12I\n\x06Ingest\x12\x1d.imagesearch.v1.IngestRequest\x1a\x1c.imagesearch.v1.IngestResult(\x01\x30\x01\x12S\n\x0cSearchByText\x12#.imagesearch.v1.SearchByTextRequest\x1a\x1e.imagesearch.v1.SearchResponse\x12U\n\rSearchByImage\x12$.imagesearch.v1.SearchByImageRequest\x1a\x1e.imagesearch.v1.SearchResponse\x12G\n\x06\x44\x65lete\x12\x1d.imagesearch.v1.DeleteRequest\x1a\x1e.imagesearch.v1.DeleteResponse\x12\x42\n\x08GetStats\x12\x1f.imagesearch.v1.GetStatsRequest\x1a\x15.imagesearch.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bimagesearch/v1/search.proto\x12\x0eimagesearch.v1\x1a\x1dimagesearch/v1/embedder.proto\"N\n\rIngestRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12)\n\x05items\x18\x02 \x03(\x0b\x32\x1a.imagesearch.v1.IngestItem\"\x95\x01\n\nIngestItem\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12:\n\x08metadata\x18\x03 \x03(\x0b\x32(.imagesearch.v1.IngestItem.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x0eIngestResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.imagesearch.v1.IngestResult\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\x0c\"\xe0\x01\n\x0cIngestResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x06status\x18\x04 \x01(\x0e\x32#.imagesearch.v1.IngestResult.Status\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"d\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTATUS_INSERTED\x10\x01\x12\x1a\n\x16STATUS_ALREADY_PRESENT\x10\x02\x12\x11\n\rSTATUS_FAILED\x10\x03\"\xc0\x01\n\x13SearchByTextRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\x12&\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x16.imagesearch.v1.Filter\x12\x0e\n\x06offset\x18\x05 \x01(\x05\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x11\x63onsistency_token\x18\x07 \x01(\x0c\x42\x0c\n\n_min_score\"\xc1\x01\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\ncollection\x18\x03 \x01(\t\x12&\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x16.imagesearch.v1.Filter\x12\x0e\n\x06offset\x18\x05 \x01(\x05\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x19\n\x11\x63onsistency_token\x18\x07 \x01(\x0c\x42\x0c\n\n_min_score\"\x9c\x01\n\x06\x46ilter\x12\x36\n\x08metadata\x18\x01 \x03(\x0b\x32$.imagesearch.v1.Filter.MetadataEntry\x12\x12\n\nuri_prefix\x18\x02 \x01(\t\x1a\x46\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.imagesearch.v1.AnyOf:\x02\x38\x01\"\x17\n\x05\x41nyOf\x12\x0e\n\x06values\x18\x01 \x03(\t\"\x93\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x33\n\x08metadata\x18\x04 \x03(\x0b\x32!.imagesearch.v1.Hit.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x14SearchByTextResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.imagesearch.v1.Hit\x12\x13\n\x0bnext_offset\x18\x02 \x01(\x05\"O\n\x15SearchByImageResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.imagesearch.v1.Hit\x12\x13\n\x0bnext_offset\x18\x02 \x01(\x05\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"M\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x03\x12\x0f\n\x07missing\x18\x02 \x03(\t\x12\x19\n\x11\x63onsistency_token\x18\x03 \x01(\x0c\"@\n\x0fGetStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x19\n\x11\x63onsistency_token\x18\x02 \x01(\x0c\"c\n\x10GetStatsResponse\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12,\n\x05model\x18\x03 \x01(\x0b\x32\x1d.imagesearch.v1.ModelIdentity2\xb2\x03\n\x12ImageSearchService\x12K\n\x06Ingest\x12\x1d.imagesearch.v1.IngestRequest\x1a\x1e.imagesearch.v1.IngestResponse(\x01\x30\x01\x12Y\n\x0cSearchByText\x12#.imagesearch.v1.SearchByTextRequest\x1a$.imagesearch.v1.SearchByTextResponse\x12\\\n\rSearchByImage\x12$.imagesearch.v1.SearchByImageRequest\x1a%.imagesearch.v1.SearchByImageResponse\x12G\n\x06\x44\x65lete\x12\x1d.imagesearch.v1.DeleteRequest\x1a\x1e.imagesearch.v1.DeleteResponse\x12M\n\x08GetStats\x12\x1f.imagesearch.v1.GetStatsRequest\x1a .imagesearch.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagesearch.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INGESTREQUEST_METADATAENTRY']._loaded_options = None
-  _globals['_INGESTREQUEST_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_INGESTITEM_METADATAENTRY']._loaded_options = None
+  _globals['_INGESTITEM_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_FILTER_METADATAENTRY']._loaded_options = None
   _globals['_FILTER_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_HIT_METADATAENTRY']._loaded_options = None
   _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_INGESTREQUEST']._serialized_start=48
-  _globals['_INGESTREQUEST']._serialized_end=223
-  _globals['_INGESTREQUEST_METADATAENTRY']._serialized_start=176
-  _globals['_INGESTREQUEST_METADATAENTRY']._serialized_end=223
-  _globals['_INGESTRESULT']._serialized_start=226
-  _globals['_INGESTRESULT']._serialized_end=429
-  _globals['_INGESTRESULT_STATUS']._serialized_start=350
-  _globals['_INGESTRESULT_STATUS']._serialized_end=429
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=432
-  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=597
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=600
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=766
-  _globals['_FILTER']._serialized_start=769
-  _globals['_FILTER']._serialized_end=925
-  _globals['_FILTER_METADATAENTRY']._serialized_start=855
-  _globals['_FILTER_METADATAENTRY']._serialized_end=925
-  _globals['_ANYOF']._serialized_start=927
-  _globals['_ANYOF']._serialized_end=950
-  _globals['_HIT']._serialized_start=953
-  _globals['_HIT']._serialized_end=1100
-  _globals['_HIT_METADATAENTRY']._serialized_start=176
-  _globals['_HIT_METADATAENTRY']._serialized_end=223
-  _globals['_SEARCHRESPONSE']._serialized_start=1102
-  _globals['_SEARCHRESPONSE']._serialized_end=1153
-  _globals['_DELETEREQUEST']._serialized_start=1155
-  _globals['_DELETEREQUEST']._serialized_end=1203
-  _globals['_DELETERESPONSE']._serialized_start=1205
-  _globals['_DELETERESPONSE']._serialized_end=1255
-  _globals['_GETSTATSREQUEST']._serialized_start=1257
-  _globals['_GETSTATSREQUEST']._serialized_end=1294
-  _globals['_STATS']._serialized_start=1296
-  _globals['_STATS']._serialized_end=1393
-  _globals['_IMAGESEARCH']._serialized_start=1396
-  _globals['_IMAGESEARCH']._serialized_end=1797
+  _globals['_INGESTREQUEST']._serialized_start=78
+  _globals['_INGESTREQUEST']._serialized_end=156
+  _globals['_INGESTITEM']._serialized_start=159
+  _globals['_INGESTITEM']._serialized_end=308
+  _globals['_INGESTITEM_METADATAENTRY']._serialized_start=261
+  _globals['_INGESTITEM_METADATAENTRY']._serialized_end=308
+  _globals['_INGESTRESPONSE']._serialized_start=310
+  _globals['_INGESTRESPONSE']._serialized_end=400
+  _globals['_INGESTRESULT']._serialized_start=403
+  _globals['_INGESTRESULT']._serialized_end=627
+  _globals['_INGESTRESULT_STATUS']._serialized_start=527
+  _globals['_INGESTRESULT_STATUS']._serialized_end=627
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_start=630
+  _globals['_SEARCHBYTEXTREQUEST']._serialized_end=822
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=825
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=1018
+  _globals['_FILTER']._serialized_start=1021
+  _globals['_FILTER']._serialized_end=1177
+  _globals['_FILTER_METADATAENTRY']._serialized_start=1107
+  _globals['_FILTER_METADATAENTRY']._serialized_end=1177
+  _globals['_ANYOF']._serialized_start=1179
+  _globals['_ANYOF']._serialized_end=1202
+  _globals['_HIT']._serialized_start=1205
+  _globals['_HIT']._serialized_end=1352
+  _globals['_HIT_METADATAENTRY']._serialized_start=261
+  _globals['_HIT_METADATAENTRY']._serialized_end=308
+  _globals['_SEARCHBYTEXTRESPONSE']._serialized_start=1354
+  _globals['_SEARCHBYTEXTRESPONSE']._serialized_end=1432
+  _globals['_SEARCHBYIMAGERESPONSE']._serialized_start=1434
+  _globals['_SEARCHBYIMAGERESPONSE']._serialized_end=1513
+  _globals['_DELETEREQUEST']._serialized_start=1515
+  _globals['_DELETEREQUEST']._serialized_end=1563
+  _globals['_DELETERESPONSE']._serialized_start=1565
+  _globals['_DELETERESPONSE']._serialized_end=1642
+  _globals['_GETSTATSREQUEST']._serialized_start=1644
+  _globals['_GETSTATSREQUEST']._serialized_end=1708
+  _globals['_GETSTATSRESPONSE']._serialized_start=1710
+  _globals['_GETSTATSRESPONSE']._serialized_end=1809
+  _globals['_IMAGESEARCHSERVICE']._serialized_start=1812
+  _globals['_IMAGESEARCHSERVICE']._serialized_end=2246
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from imagesearch.v1 import embedder_pb2 as _embedder_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -8,7 +9,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestRequest(_message.Message):
-    __slots__ = ("image", "uri", "metadata", "collection")
+    __slots__ = ("collection", "items")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    items: _containers.RepeatedCompositeFieldContainer[IngestItem]
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[IngestItem, _Mapping]]] = ...) -> None: ...
+
+class IngestItem(_message.Message):
+    __slots__ = ("image", "uri", "metadata")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -19,25 +28,31 @@ class IngestRequest(_message.Message):
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
-    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     uri: str
     metadata: _containers.ScalarMap[str, str]
-    collection: str
-    def __init__(self, image: _Optional[bytes] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., collection: _Optional[str] = ...) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class IngestResponse(_message.Message):
+    __slots__ = ("results", "consistency_token")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[IngestResult]
+    consistency_token: bytes
+    def __init__(self, results: _Optional[_Iterable[_Union[IngestResult, _Mapping]]] = ..., consistency_token: _Optional[bytes] = ...) -> None: ...
 
 class IngestResult(_message.Message):
     __slots__ = ("index", "id", "uri", "status", "error")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[IngestResult.Status]
-        INSERTED: _ClassVar[IngestResult.Status]
-        ALREADY_PRESENT: _ClassVar[IngestResult.Status]
-        FAILED: _ClassVar[IngestResult.Status]
+        STATUS_INSERTED: _ClassVar[IngestResult.Status]
+        STATUS_ALREADY_PRESENT: _ClassVar[IngestResult.Status]
+        STATUS_FAILED: _ClassVar[IngestResult.Status]
     STATUS_UNSPECIFIED: IngestResult.Status
-    INSERTED: IngestResult.Status
-    ALREADY_PRESENT: IngestResult.Status
-    FAILED: IngestResult.Status
+    STATUS_INSERTED: IngestResult.Status
+    STATUS_ALREADY_PRESENT: IngestResult.Status
+    STATUS_FAILED: IngestResult.Status
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     URI_FIELD_NUMBER: _ClassVar[int]
@@ -51,36 +66,40 @@ class IngestResult(_message.Message):
     def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., uri: _Optional[str] = ..., status: _Optional[_Union[IngestResult.Status, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SearchByTextRequest(_message.Message):
-    __slots__ = ("query", "top_k", "collection", "filter", "offset", "min_score")
+    __slots__ = ("query", "top_k", "collection", "filter", "offset", "min_score", "consistency_token")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     collection: str
     filter: Filter
     offset: int
     min_score: float
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., offset: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+    consistency_token: bytes
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., offset: _Optional[int] = ..., min_score: _Optional[float] = ..., consistency_token: _Optional[bytes] = ...) -> None: ...
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("image", "top_k", "collection", "filter", "offset", "min_score")
+    __slots__ = ("image", "top_k", "collection", "filter", "offset", "min_score", "consistency_token")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     top_k: int
     collection: str
     filter: Filter
     offset: int
     min_score: float
-    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., offset: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+    consistency_token: bytes
+    def __init__(self, image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., collection: _Optional[str] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., offset: _Optional[int] = ..., min_score: _Optional[float] = ..., consistency_token: _Optional[bytes] = ...) -> None: ...
 
 class Filter(_message.Message):
     __slots__ = ("metadata", "uri_prefix")
@@ -122,11 +141,21 @@ class Hit(_message.Message):
     metadata: _containers.ScalarMap[str, str]
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., uri: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
-class SearchResponse(_message.Message):
-    __slots__ = ("hits",)
+class SearchByTextResponse(_message.Message):
+    __slots__ = ("hits", "next_offset")
     HITS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+    next_offset: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
+
+class SearchByImageResponse(_message.Message):
+    __slots__ = ("hits", "next_offset")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    next_offset: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., next_offset: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("ids", "collection")
@@ -137,29 +166,29 @@ class DeleteRequest(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[str]] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("deleted", "missing")
+    __slots__ = ("deleted", "missing", "consistency_token")
     DELETED_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     missing: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, deleted: _Optional[int] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+    consistency_token: bytes
+    def __init__(self, deleted: _Optional[int] = ..., missing: _Optional[_Iterable[str]] = ..., consistency_token: _Optional[bytes] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
-    __slots__ = ("collection",)
+    __slots__ = ("collection", "consistency_token")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     collection: str
-    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+    consistency_token: bytes
+    def __init__(self, collection: _Optional[str] = ..., consistency_token: _Optional[bytes] = ...) -> None: ...
 
-class Stats(_message.Message):
-    __slots__ = ("collection", "count", "dim", "model", "model_fingerprint")
+class GetStatsResponse(_message.Message):
+    __slots__ = ("collection", "count", "model")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
-    DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     collection: str
     count: int
-    dim: int
-    model: str
-    model_fingerprint: str
-    def __init__(self, collection: _Optional[str] = ..., count: _Optional[int] = ..., dim: _Optional[int] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    model: _embedder_pb2.ModelIdentity
+    def __init__(self, collection: _Optional[str] = ..., count: _Optional[int] = ..., model: _Optional[_Union[_embedder_pb2.ModelIdentity, _Mapping]] = ...) -> None: ...

@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ImageSearchStub:
+class ImageSearchServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,53 +35,63 @@ class ImageSearchStub:
             channel: A grpc.Channel.
         """
         self.Ingest = channel.stream_stream(
-                '/imagesearch.v1.ImageSearch/Ingest',
+                '/imagesearch.v1.ImageSearchService/Ingest',
                 request_serializer=imagesearch_dot_v1_dot_search__pb2.IngestRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_search__pb2.IngestResult.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_search__pb2.IngestResponse.FromString,
                 _registered_method=True)
         self.SearchByText = channel.unary_unary(
-                '/imagesearch.v1.ImageSearch/SearchByText',
+                '/imagesearch.v1.ImageSearchService/SearchByText',
                 request_serializer=imagesearch_dot_v1_dot_search__pb2.SearchByTextRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_search__pb2.SearchByTextResponse.FromString,
                 _registered_method=True)
         self.SearchByImage = channel.unary_unary(
-                '/imagesearch.v1.ImageSearch/SearchByImage',
+                '/imagesearch.v1.ImageSearchService/SearchByImage',
                 request_serializer=imagesearch_dot_v1_dot_search__pb2.SearchByImageRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_search__pb2.SearchByImageResponse.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
-                '/imagesearch.v1.ImageSearch/Delete',
+                '/imagesearch.v1.ImageSearchService/Delete',
                 request_serializer=imagesearch_dot_v1_dot_search__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=imagesearch_dot_v1_dot_search__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
-                '/imagesearch.v1.ImageSearch/GetStats',
+                '/imagesearch.v1.ImageSearchService/GetStats',
                 request_serializer=imagesearch_dot_v1_dot_search__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=imagesearch_dot_v1_dot_search__pb2.Stats.FromString,
+                response_deserializer=imagesearch_dot_v1_dot_search__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
 
 
-class ImageSearchServicer:
+class ImageSearchServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Ingest(self, request_iterator, context):
-        """Add images. The client streams items; the server answers each with one
-        IngestResult (same `index`), in batches as they are stored. A result
-        with status INSERTED or ALREADY_PRESENT is an acknowledgement: the row
-        is in Milvus and a search issued after it sees it.
+        """Add images. The client streams messages of one or more items; the
+        server answers with IngestResponses, each holding the results of a batch
+        as soon as it is stored, in stream order: one IngestResult per item,
+        `index` counting items across the whole stream from 0. A result with
+        status STATUS_INSERTED or STATUS_ALREADY_PRESENT is an acknowledgement:
+        the row is in Milvus, and a read that passes the response's
+        `consistency_token` sees it. A batch is stored once it is full or the stream goes quiet, so a
+        caller that waits for each result gets it promptly.
 
         The id of an image is the SHA-256 of its bytes, so ingesting the same
-        file twice never duplicates it. A bad item fails alone (status FAILED,
-        with `error`); its neighbours are stored.
+        file twice never duplicates it. Within one search process, concurrent
+        streams of the same new image give one STATUS_INSERTED and
+        STATUS_ALREADY_PRESENT for the others; across replicas, two may both say
+        STATUS_INSERTED (still one row). A bad item fails alone (STATUS_FAILED,
+        with `error`); its neighbours
+        are stored.
 
         Stream errors (the whole call fails):
-        INVALID_ARGUMENT    bad collection name.
-        FAILED_PRECONDITION the collection was built with another model or
-        dimension than the embedder now serves.
+        INVALID_ARGUMENT    bad collection name; `collection` set in a message
+        other than the first.
+        FAILED_PRECONDITION the collection was built with another model than
+        the embedder serves (the message names both).
         UNAVAILABLE         the embedder or Milvus cannot be reached (the
         message names which); retry with backoff.
-        RESOURCE_EXHAUSTED  the embedder's queue is full: back off and retry.
+        RESOURCE_EXHAUSTED  the embedder is at its bound: back off and retry.
         DEADLINE_EXCEEDED   the caller's deadline passed.
+        CANCELLED           the caller cancelled the stream.
         INTERNAL            the embedder or Milvus failed in another way (the
         message says how).
         Items acknowledged before a stream error stay stored.
@@ -91,18 +101,21 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchByText(self, request, context):
-        """Nearest images to a text query.
+        """Nearest images to a text query. Has no side effects.
 
         Errors:
         INVALID_ARGUMENT    empty query; top_k not in 1..1024; a negative
         offset, or top_k + offset over 16384; min_score
         outside [-1, 1]; a malformed filter; bad
-        collection name.
+        collection name; a malformed consistency token.
         NOT_FOUND           the collection does not exist.
-        FAILED_PRECONDITION the collection was built with another model.
+        FAILED_PRECONDITION the collection was built with another model than
+        the embedder serves (the message names both).
+        OUT_OF_RANGE        the hits would not fit in one response message:
+        ask for fewer (a lower top_k).
         UNAVAILABLE         the embedder or Milvus cannot be reached (the
         message names which); retry with backoff.
-        RESOURCE_EXHAUSTED  the embedder's queue is full: back off and retry.
+        RESOURCE_EXHAUSTED  the embedder is at its bound: back off and retry.
         DEADLINE_EXCEEDED   the caller's deadline passed.
         INTERNAL            the embedder or Milvus failed in another way.
         """
@@ -138,7 +151,7 @@ class ImageSearchServicer:
         """Size and model of a collection.
 
         Errors:
-        INVALID_ARGUMENT    bad collection name.
+        INVALID_ARGUMENT    bad collection name; a malformed consistency token.
         NOT_FOUND           the collection does not exist.
         FAILED_PRECONDITION the collection was not created by this service.
         UNAVAILABLE         Milvus cannot be reached; retry with backoff.
@@ -149,22 +162,22 @@ class ImageSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ImageSearchServicer_to_server(servicer, server):
+def add_ImageSearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Ingest': grpc.stream_stream_rpc_method_handler(
                     servicer.Ingest,
                     request_deserializer=imagesearch_dot_v1_dot_search__pb2.IngestRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_search__pb2.IngestResult.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_search__pb2.IngestResponse.SerializeToString,
             ),
             'SearchByText': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchByText,
                     request_deserializer=imagesearch_dot_v1_dot_search__pb2.SearchByTextRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_search__pb2.SearchByTextResponse.SerializeToString,
             ),
             'SearchByImage': grpc.unary_unary_rpc_method_handler(
                     servicer.SearchByImage,
                     request_deserializer=imagesearch_dot_v1_dot_search__pb2.SearchByImageRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_search__pb2.SearchByImageResponse.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
@@ -174,17 +187,17 @@ def add_ImageSearchServicer_to_server(servicer, server):
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
                     request_deserializer=imagesearch_dot_v1_dot_search__pb2.GetStatsRequest.FromString,
-                    response_serializer=imagesearch_dot_v1_dot_search__pb2.Stats.SerializeToString,
+                    response_serializer=imagesearch_dot_v1_dot_search__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'imagesearch.v1.ImageSearch', rpc_method_handlers)
+            'imagesearch.v1.ImageSearchService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('imagesearch.v1.ImageSearch', rpc_method_handlers)
+    server.add_registered_method_handlers('imagesearch.v1.ImageSearchService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ImageSearch:
+class ImageSearchService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -201,9 +214,9 @@ class ImageSearch:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/imagesearch.v1.ImageSearch/Ingest',
+            '/imagesearch.v1.ImageSearchService/Ingest',
             imagesearch_dot_v1_dot_search__pb2.IngestRequest.SerializeToString,
-            imagesearch_dot_v1_dot_search__pb2.IngestResult.FromString,
+            imagesearch_dot_v1_dot_search__pb2.IngestResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -228,9 +241,9 @@ class ImageSearch:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.ImageSearch/SearchByText',
+            '/imagesearch.v1.ImageSearchService/SearchByText',
             imagesearch_dot_v1_dot_search__pb2.SearchByTextRequest.SerializeToString,
-            imagesearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            imagesearch_dot_v1_dot_search__pb2.SearchByTextResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,9 +268,9 @@ class ImageSearch:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.ImageSearch/SearchByImage',
+            '/imagesearch.v1.ImageSearchService/SearchByImage',
             imagesearch_dot_v1_dot_search__pb2.SearchByImageRequest.SerializeToString,
-            imagesearch_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            imagesearch_dot_v1_dot_search__pb2.SearchByImageResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -282,7 +295,7 @@ class ImageSearch:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.ImageSearch/Delete',
+            '/imagesearch.v1.ImageSearchService/Delete',
             imagesearch_dot_v1_dot_search__pb2.DeleteRequest.SerializeToString,
             imagesearch_dot_v1_dot_search__pb2.DeleteResponse.FromString,
             options,
@@ -309,9 +322,9 @@ class ImageSearch:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagesearch.v1.ImageSearch/GetStats',
+            '/imagesearch.v1.ImageSearchService/GetStats',
             imagesearch_dot_v1_dot_search__pb2.GetStatsRequest.SerializeToString,
-            imagesearch_dot_v1_dot_search__pb2.Stats.FromString,
+            imagesearch_dot_v1_dot_search__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

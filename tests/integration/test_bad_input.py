@@ -20,7 +20,7 @@ CORRUPT = b"\xff\xd8\xff\xe0 this is not really a jpeg"
 @pytest.fixture(scope="module")
 def embedder_stub(embedder_service):
     with grpc.insecure_channel(embedder_service.address) as channel:
-        yield embedder_pb2_grpc.EmbedderStub(channel)
+        yield embedder_pb2_grpc.EmbedderServiceStub(channel)
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +57,7 @@ def test_encode_image_rejects(embedder_stub, images, needles):
 
 
 def test_too_many_items(embedder_stub, embedder):
-    limit = embedder.model_info().max_batch_items
+    limit = embedder.model_info().limits.max_batch_items
     error = status_of(embedder_stub.EncodeText, embedder_pb2.EncodeTextRequest(texts=["x"] * (limit + 1)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"the limit is {limit}" in error.details()
@@ -122,7 +122,7 @@ def test_bad_ingest_items_fail_alone(search):
     assert [r.index for r in results] == list(range(len(items)))
     assert [r.uri for r in results] == [i.uri for i in items]
     assert [IngestResult.Status.Name(r.status) for r in results] == [
-        "INSERTED", "FAILED", "FAILED", "INSERTED", "ALREADY_PRESENT", "FAILED", "INSERTED"]
+        "STATUS_INSERTED", "STATUS_FAILED", "STATUS_FAILED", "STATUS_INSERTED", "STATUS_ALREADY_PRESENT", "STATUS_FAILED", "STATUS_INSERTED"]
     assert results[2].error == "empty image bytes"
     assert results[1].error and results[5].error
     assert search.stats("bad_ingest").count == 3
@@ -130,17 +130,20 @@ def test_bad_ingest_items_fail_alone(search):
     assert hits[0].uri == "good-1"
 
 
-def test_ingest_item_naming_another_collection_fails_alone(search_stub):
-    requests = [search_pb2.IngestRequest(image=photo(20), uri="a", collection="mixed"),
-                search_pb2.IngestRequest(image=photo(21), uri="b", collection="other")]
-    results = list(search_stub.Ingest(iter(requests)))
-    assert [r.status for r in results] == [IngestResult.INSERTED, IngestResult.FAILED]
-    assert "use one stream per collection" in results[1].error
+def test_collection_named_after_the_first_message_fails_the_stream(search_stub):
+    requests = [search_pb2.IngestRequest(collection="mixed",
+                                         items=[search_pb2.IngestItem(image=photo(20), uri="a")]),
+                search_pb2.IngestRequest(collection="other",
+                                         items=[search_pb2.IngestItem(image=photo(21), uri="b")])]
+    error = status_of(lambda: list(search_stub.Ingest(iter(requests))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "message 1 names a collection" in error.details()
 
 
 def test_ingest_into_invalid_collection_name(search_stub):
     error = status_of(lambda: list(search_stub.Ingest(iter(
-        [search_pb2.IngestRequest(image=photo(), collection="1bad")]))))
+        [search_pb2.IngestRequest(collection="1bad",
+                                  items=[search_pb2.IngestItem(image=photo())])]))))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -160,14 +163,14 @@ def test_a_megabyte_of_text_is_truncated_not_refused(embedder):
 
 def test_undecodable_ingest_message_fails_the_stream_without_hanging(search_service):
     """A message whose uri is not UTF-8 cannot be parsed: INVALID_ARGUMENT, at once."""
-    bad = b"\x0a\x03abc" + b"\x12\x02\xff\xfe"  # image=b"abc", uri=<invalid UTF-8>
+    bad = b"\x12\x04" + b"\x12\x02\xff\xfe"  # an item whose uri is not UTF-8
     with grpc.insecure_channel(search_service.address) as channel:
-        ingest = channel.stream_stream("/imagesearch.v1.ImageSearch/Ingest",
+        ingest = channel.stream_stream("/imagesearch.v1.ImageSearchService/Ingest",
                                        request_serializer=lambda raw: raw,
-                                       response_deserializer=search_pb2.IngestResult.FromString)
+                                       response_deserializer=search_pb2.IngestResponse.FromString)
         error = status_of(lambda: list(ingest(iter([bad]), timeout=20)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
-    assert "request stream item 0" in error.details()
+    assert "request stream message 0" in error.details()
 
 
 def peak_rss(pid: int) -> int:
@@ -210,6 +213,6 @@ def test_a_message_over_the_limit_is_resource_exhausted(embedder_service):
     limit = 64 << 20  # the default --max-message-mb
     with grpc.insecure_channel(embedder_service.address,
                                options=[("grpc.max_send_message_length", 2 * limit)]) as channel:
-        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         error = status_of(stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=[bytes(limit + 1)]))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

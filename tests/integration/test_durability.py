@@ -43,7 +43,7 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
     try:
         with SearchClient(service.address, timeout_s=30) as client:
             acked = [r.id for r in client.ingest(items_of(images[:40]), collection="kill_milvus")
-                     if r.status == IngestResult.INSERTED]
+                     if r.status == IngestResult.STATUS_INSERTED]
             assert len(acked) == 40
 
             with SearchLoad(service.address, collection="kill_milvus") as load:
@@ -94,7 +94,7 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
             assert {code for when, code, _, _ in load.outcomes if when > recovered} == {"OK"}
             # Read-your-writes on the recovered server.
             more = list(client.ingest(items_of(images[40:45]), collection="kill_milvus"))
-            assert [r.status for r in more] == [IngestResult.INSERTED] * 5
+            assert [r.status for r in more] == [IngestResult.STATUS_INSERTED] * 5
             assert client.stats("kill_milvus").count == 45
     finally:
         assert service.stop() == 0, service.log()
@@ -119,7 +119,7 @@ def test_search_service_killed_mid_ingest(backend, embedder_service, images, tmp
     with SearchClient(service.address) as client:
         with pytest.raises(grpc.RpcError) as info:
             for result in client.ingest(stream(), collection="kill_search"):
-                if result.status in (IngestResult.INSERTED, IngestResult.ALREADY_PRESENT):
+                if result.status in (IngestResult.STATUS_INSERTED, IngestResult.STATUS_ALREADY_PRESENT):
                     acked[result.id] = result.index
                 if len(acked) >= 32 and not killed.is_set():
                     service.process.send_signal(signal.SIGKILL)
@@ -133,9 +133,9 @@ def test_search_service_killed_mid_ingest(backend, embedder_service, images, tmp
         with SearchClient(service.address) as client:
             results = list(client.ingest(items, collection="kill_search"))
             by_status = {s: {r.id for r in results if r.status == s}
-                         for s in (IngestResult.INSERTED, IngestResult.ALREADY_PRESENT, IngestResult.FAILED)}
-            assert by_status[IngestResult.FAILED] == set()
-            assert set(acked) <= by_status[IngestResult.ALREADY_PRESENT]  # nothing acknowledged lost
+                         for s in (IngestResult.STATUS_INSERTED, IngestResult.STATUS_ALREADY_PRESENT, IngestResult.STATUS_FAILED)}
+            assert by_status[IngestResult.STATUS_FAILED] == set()
+            assert set(acked) <= by_status[IngestResult.STATUS_ALREADY_PRESENT]  # nothing acknowledged lost
             assert client.stats("kill_search").count == distinct  # nothing duplicated
             hits = client.search_text("a shape", top_k=1024, collection="kill_search")
             assert len(hits) == len({h.id for h in hits}) == distinct
@@ -152,7 +152,7 @@ def test_writes_are_split_to_the_configured_size(backend, embedder_service, imag
             items = [IngestItem(image=p.read_bytes(), uri=str(p), metadata={"n": str(i), "pad": "x" * 7000})
                      for i, p in enumerate(images[:40])]
             results = list(client.ingest(items, collection="small_writes"))
-            assert [r.status for r in results] == [IngestResult.INSERTED] * 40
+            assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 40
             assert client.stats("small_writes").count == 40
             for i in (0, 17, 39):
                 [hit] = client.search_text("x", top_k=10, collection="small_writes", where={"n": str(i)})
@@ -175,7 +175,7 @@ def test_a_batch_above_the_default_write_size(milvus_server, embedder_service, i
                      for p in images[:100]] + [IngestItem(image=photo(1000 + i), metadata={"pad": pad})
                                                for i in range(200)]
             results = list(client.ingest(items, collection="big_batch"))
-            assert [r.status for r in results] == [IngestResult.INSERTED] * 300
+            assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 300
             assert client.stats("big_batch").count == 300
     finally:
         assert service.stop() == 0

@@ -79,7 +79,7 @@ def test_filters_quote_hostile_values_exactly(search):
     items = [IngestItem(image=photo(100 + i), uri=f"/hostile/{value}/{i}",
                         metadata={"label": value, value: "v"}) for i, value in enumerate(HOSTILE)]
     results = list(search.ingest(items, collection="hostile"))
-    assert [r.status for r in results] == [IngestResult.INSERTED] * len(HOSTILE)
+    assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * len(HOSTILE)
     for i, value in enumerate(HOSTILE):
         for options in ({"where": {"label": value}}, {"where": {value: "v"}},
                         {"uri_prefix": f"/hostile/{value}/"}):

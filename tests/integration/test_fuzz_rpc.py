@@ -47,7 +47,7 @@ def test_search_by_image(search_service, search_stub, request):
 @given(st.lists(st.one_of(mutated_images(), st.binary(max_size=64)), max_size=6), st.booleans())
 def test_encode_image(embedder_service, images, partial):
     with grpc.insecure_channel(embedder_service.address) as channel:
-        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         code = outcome(stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=images,
                                                                         allow_partial=partial))
     assert code in CALLER_SIDE | {grpc.StatusCode.OK}
@@ -58,6 +58,6 @@ def test_encode_image(embedder_service, images, partial):
 @given(st.lists(st.text(max_size=300), max_size=8))
 def test_encode_text(embedder_service, texts_):
     with grpc.insecure_channel(embedder_service.address) as channel:
-        stub = embedder_pb2_grpc.EmbedderStub(channel)
+        stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         code = outcome(stub.EncodeText, embedder_pb2.EncodeTextRequest(texts=texts_))
     assert code in CALLER_SIDE | {grpc.StatusCode.OK}

@@ -17,9 +17,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
 
 from imagesearch.client import IngestItem, SearchClient
 from imagesearch.health import status
-from imagesearch.serving import LIVENESS
+from imagesearch.serving import DEPENDENCIES, LIVENESS
 from imagesearch.v1 import search_pb2, search_pb2_grpc
-from tests.services import metric, photo, scrape, start_embedder, start_search, status_of
+from tests.services import (eventually, metric, photo, scrape, start_embedder, start_search,
+                            status_of)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_request_id_travels_from_search_to_embedder(replicas, tmp_path):
     search = start_search(tmp_path, "ipv4:" + ",".join(s.address for s in live)).wait_ready()
     try:
         with grpc.insecure_channel(search.address) as channel:
-            stub = search_pb2_grpc.ImageSearchStub(channel)
+            stub = search_pb2_grpc.ImageSearchServiceStub(channel)
             _, call = stub.SearchByText.with_call(
                 search_pb2.SearchByTextRequest(query="a red circle", top_k=1),
                 metadata=(("x-request-id", "req-4711"),), timeout=30)
@@ -89,7 +90,7 @@ def test_metrics_after_known_traffic(embedder_service, tmp_path):
                 client.search_text("a red circle", top_k=2, collection="metrics")
             status_of(client.search_text, "a red circle", 0)
         samples = scrape(search)
-        rpc = dict(grpc_service="imagesearch.v1.ImageSearch", grpc_method="SearchByText")
+        rpc = dict(grpc_service="imagesearch.v1.ImageSearchService", grpc_method="SearchByText")
         assert metric(samples, "grpc_server_handled_total", **rpc, grpc_code="OK") == 3
         assert metric(samples, "grpc_server_handled_total", **rpc, grpc_code="INVALID_ARGUMENT") == 1
         assert metric(samples, "grpc_server_handling_seconds_count", **rpc, grpc_code="OK") == 3
@@ -110,18 +111,18 @@ def test_metrics_after_known_traffic(embedder_service, tmp_path):
 
 
 def test_reflection_lists_and_calls_the_services(search_service, embedder_service):
-    for service, api in ((search_service, "imagesearch.v1.ImageSearch"),
-                         (embedder_service, "imagesearch.v1.Embedder")):
+    for service, api in ((search_service, "imagesearch.v1.ImageSearchService"),
+                         (embedder_service, "imagesearch.v1.EmbedderService")):
         with grpc.insecure_channel(service.address) as channel:
             database = ProtoReflectionDescriptorDatabase(channel)
             assert {api, "grpc.health.v1.Health"} <= set(database.get_services())
     # A generic client: no generated code, only what reflection tells it.
     with grpc.insecure_channel(search_service.address) as channel:
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
-        method = pool.FindServiceByName("imagesearch.v1.ImageSearch").methods_by_name["GetStats"]
+        method = pool.FindServiceByName("imagesearch.v1.ImageSearchService").methods_by_name["GetStats"]
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
-        call = channel.unary_unary("/imagesearch.v1.ImageSearch/GetStats",
+        call = channel.unary_unary("/imagesearch.v1.ImageSearchService/GetStats",
                                    request_serializer=request_class.SerializeToString,
                                    response_deserializer=response_class.FromString)
         assert call(request_class(), timeout=30).collection == "images"
@@ -138,41 +139,58 @@ def test_reflection_can_be_switched_off(embedder_service, tmp_path):
         assert search.stop() == 0
 
 
-def test_health_follows_the_embedder_and_shutdown(tmp_path):
-    """serving -> not serving while the embedder is down -> serving again ->
-    not serving on SIGTERM, with liveness SERVING throughout until exit."""
+def _watch(address: str, service: str) -> tuple[list[str], threading.Thread]:
+    """Follow a health name's Watch stream in a thread: every status it sends."""
+    seen: list[str] = []
+    ready = threading.Event()
+
+    def follow():
+        with grpc.insecure_channel(address) as channel:
+            try:
+                for update in health_pb2_grpc.HealthStub(channel).Watch(
+                        health_pb2.HealthCheckRequest(service=service)):
+                    seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(update.status))
+                    ready.set()
+            except grpc.RpcError:
+                pass  # the server went away
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    assert ready.wait(10), "no first Watch message"
+    return seen, thread
+
+
+def test_readiness_is_the_process_and_dependencies_are_reported(tmp_path):
+    """Embedder killed: the search process stays SERVING (liveness and
+    readiness), "dependencies" goes NOT_SERVING, GetStats and Delete still
+    work, searches are UNAVAILABLE naming the embedder; with the embedder
+    back, "dependencies" is SERVING again; SIGTERM ends with NOT_SERVING."""
     embedder = start_embedder(tmp_path).wait_ready()
-    search = start_search(tmp_path, embedder.address).wait_ready()
+    search = start_search(tmp_path, embedder.address).wait_ready(service=DEPENDENCIES)
     try:
-        assert status(search.address) == status(search.address, service=LIVENESS) == "SERVING"
-        embedder.process.send_signal(signal.SIGKILL)
-        embedder.process.wait()
-        deadline = time.monotonic() + 10
-        while status(search.address) != "NOT_SERVING":
-            assert time.monotonic() < deadline, "still SERVING without an embedder"
-            time.sleep(0.1)
-        assert status(search.address, service=LIVENESS) == "SERVING"
-        assert "not ready: embedder at" in search.log()
+        with SearchClient(search.address) as client:
+            [result] = client.ingest([IngestItem(photo(5), "x")])
+            dependencies, _ = _watch(search.address, DEPENDENCIES)
+            embedder.process.send_signal(signal.SIGKILL)
+            embedder.process.wait()
+            eventually(lambda: dependencies[-1] == "NOT_SERVING", 10)
+            assert status(search.address) == status(search.address, service=LIVENESS) == "SERVING"
+            assert "dependency down (still serving what does not need it): embedder at" in search.log()
+            assert metric(scrape(search), "search_dependency_up", dependency="embedder") == 0
+            assert metric(scrape(search), "search_dependency_up", dependency="milvus") == 1
+            assert client.stats().count == 1
+            error = status_of(client.search_text, "a photo of a red circle")
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            assert f"embedder at {embedder.address} is unavailable" in error.details()
+            assert client.delete([result.id]).deleted == 1
 
-        embedder = start_embedder(tmp_path, port=embedder.port).wait_ready()
-        search.wait_ready(timeout_s=10)
+            embedder = start_embedder(tmp_path, port=embedder.port).wait_ready()
+            eventually(lambda: dependencies[-1] == "SERVING", 10)
+            assert client.search_text("a photo of a red circle") == []
 
-        seen = []
-        with grpc.insecure_channel(search.address) as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-
-            def follow():
-                try:
-                    for update in watch:
-                        seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(update.status))
-                except grpc.RpcError:
-                    pass  # the server went away
-            follower = threading.Thread(target=follow)
-            follower.start()
-            time.sleep(0.5)
-            assert search.stop() == 0
-            follower.join(10)
-        assert seen[0] == "SERVING" and seen[-1] == "NOT_SERVING", seen
+        overall, follower = _watch(search.address, "")
+        assert search.stop() == 0
+        follower.join(10)
+        assert overall[0] == "SERVING" and overall[-1] == "NOT_SERVING", overall
     finally:
         search.stop()
         embedder.stop()

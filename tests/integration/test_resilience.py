@@ -77,7 +77,7 @@ def test_sigterm_mid_ingest_loses_no_acknowledged_item(embedder_service, images,
     with SearchClient(search.address) as client:
         try:
             for result in client.ingest(stream()):
-                if result.status == IngestResult.INSERTED:
+                if result.status == IngestResult.STATUS_INSERTED:
                     acked.add(result.id)
                 if len(acked) >= 32 and not hold.is_set():
                     search.process.send_signal(signal.SIGTERM)
@@ -96,7 +96,7 @@ def test_sigterm_mid_ingest_loses_no_acknowledged_item(embedder_service, images,
         with SearchClient(search.address) as client:
             results = {r.id: r.status for r in client.ingest(
                 IngestItem(p.read_bytes(), str(p)) for p in images)}
-            assert all(results[i] == IngestResult.ALREADY_PRESENT for i in acked)
+            assert all(results[i] == IngestResult.STATUS_ALREADY_PRESENT for i in acked)
             assert client.stats().count == len(images)
     finally:
         assert search.stop() == 0

@@ -48,7 +48,7 @@ def test_reingest_leaves_count_unchanged(search, search_service, eval_images, in
 def test_stats(search, embedder, ingested):
     stats = search.stats()
     info = embedder.model_info()
-    assert (stats.collection, stats.dim, stats.model_fingerprint) == ("images", info.dim, info.fingerprint)
+    assert (stats.collection, stats.model) == ("images", info.model)
 
 
 def test_search_by_image_finds_itself(search, eval_images, ingested):
@@ -79,7 +79,7 @@ def test_delete(search, eval_images):
     paths = find_images(eval_images)[:3]
     items = [IngestItem(image=p.read_bytes(), uri=str(p)) for p in paths]
     results = list(search.ingest(items, collection="delete_test"))
-    assert [r.status for r in results] == [IngestResult.INSERTED] * 3
+    assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 3
     ids = [r.id for r in results]
     gone = search.delete([ids[0], "0" * 64], collection="delete_test")
     assert (gone.deleted, list(gone.missing)) == (1, ["0" * 64])
@@ -131,27 +131,28 @@ def test_repeats_across_pipelined_batches(one_per_batch):
         results = list(client.ingest(items, collection="pipelined"))
         assert [r.index for r in results] == list(range(len(items)))
         assert [IngestResult.Status.Name(r.status) for r in results] == [
-            "INSERTED", "ALREADY_PRESENT", "INSERTED", "ALREADY_PRESENT", "ALREADY_PRESENT",
-            "ALREADY_PRESENT"]
+            "STATUS_INSERTED", "STATUS_ALREADY_PRESENT", "STATUS_INSERTED", "STATUS_ALREADY_PRESENT", "STATUS_ALREADY_PRESENT",
+            "STATUS_ALREADY_PRESENT"]
         assert client.stats("pipelined").count == 2
 
 
 def test_a_broken_stream_still_acknowledges_what_was_written(one_per_batch):
     """The stream breaks while a write is in flight: that write's items are
     acknowledged before INVALID_ARGUMENT, so a client knows they are stored."""
-    good = [search_pb2.IngestRequest(image=photo(50 + i), uri=f"ok-{i}",
-                                     collection="broken").SerializeToString() for i in range(2)]
-    bad = b"\x0a\x03abc" + b"\x12\x02\xff\xfe"  # uri is not UTF-8: the message cannot be parsed
+    good = [search_pb2.IngestRequest(collection="" if i else "broken", items=[
+        search_pb2.IngestItem(image=photo(50 + i), uri=f"ok-{i}")]).SerializeToString()
+        for i in range(2)]
+    bad = b"\x12\x04" + b"\x12\x02\xff\xfe"  # an item whose uri is not UTF-8: unparseable
     results = []
     with grpc.insecure_channel(one_per_batch.address) as channel:
-        ingest = channel.stream_stream("/imagesearch.v1.ImageSearch/Ingest",
+        ingest = channel.stream_stream("/imagesearch.v1.ImageSearchService/Ingest",
                                        request_serializer=lambda raw: raw,
-                                       response_deserializer=search_pb2.IngestResult.FromString)
+                                       response_deserializer=search_pb2.IngestResponse.FromString)
         with pytest.raises(grpc.RpcError) as error:
-            for result in ingest(iter([*good, bad]), timeout=30):
-                results.append(result)
+            for response in ingest(iter([*good, bad]), timeout=30):
+                results.extend(response.results)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [(r.uri, IngestResult.Status.Name(r.status)) for r in results] == [
-        ("ok-0", "INSERTED"), ("ok-1", "INSERTED")]
+        ("ok-0", "STATUS_INSERTED"), ("ok-1", "STATUS_INSERTED")]
     with SearchClient(one_per_batch.address, timeout_s=60) as client:
         assert client.stats("broken").count == 2

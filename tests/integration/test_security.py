@@ -11,6 +11,7 @@ import trustme
 
 from imagesearch.client import EmbedderClient, SearchClient, Security
 from imagesearch.health import status
+from imagesearch.serving import DEPENDENCIES
 from imagesearch.security import channel_credentials
 from tests.services import imgsearch, start_embedder, start_search, status_of
 
@@ -82,7 +83,7 @@ def test_a_token_needs_the_bearer_scheme(pki, secure_system):
     _, search = secure_system
     with grpc.secure_channel(search.address, channel_credentials(pki["ca"])) as channel:
         from imagesearch.v1 import search_pb2, search_pb2_grpc
-        stub = search_pb2_grpc.ImageSearchStub(channel)
+        stub = search_pb2_grpc.ImageSearchServiceStub(channel)
         error = status_of(lambda: stub.GetStats(search_pb2.GetStatsRequest(), timeout=10,
                                                 metadata=(("authorization", f"Basic {TOKENS[0]}"),)))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -109,8 +110,8 @@ def test_embedder_refuses_a_client_without_a_certificate(pki, secure_system, tmp
         assert status_of(client.model_info).code() == grpc.StatusCode.UNAVAILABLE
     with EmbedderClient(embedder.address, timeout_s=5, security=Security(
             tls_ca=pki["ca"], tls_cert=pki["client_cert"], tls_key=pki["client_key"])) as client:
-        assert client.model_info().dim > 0
-    # A search service without a client certificate is not ready, and says why.
+        assert client.model_info().model.dim > 0
+    # A search service without a client certificate reports the embedder down, and says why.
     search = start_search(tmp_path, embedder.address, "--embedder-tls-ca", pki["ca"])
     try:
         search.wait_ready(service="liveness")
@@ -118,7 +119,7 @@ def test_embedder_refuses_a_client_without_a_certificate(pki, secure_system, tmp
             error = status_of(lambda: client.search_text("a red circle"))
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert f"embedder at {embedder.address} is unavailable" in error.details()
-        assert status(search.address) == "NOT_SERVING"
+        assert status(search.address, service=DEPENDENCIES) == "NOT_SERVING"
     finally:
         assert search.stop() == 0
 

@@ -10,7 +10,7 @@ import pytest
 
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
-from imagesearch.serving import LIVENESS
+from imagesearch.serving import DEPENDENCIES, LIVENESS
 from tests.services import ROOT, TEST_MODEL, free_port, photo, start_embedder, start_search
 
 
@@ -39,8 +39,8 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
     (tmp_path / "data").mkdir()
     # In a process of its own: Milvus Lite holds its file lock until exit.
     create = (f"from search_service.store import MilvusStore, ModelIdentity\n"
-              f"MilvusStore({str(tmp_path / 'data' / 'milvus.db')!r}).open('images', "
-              f"ModelIdentity('other/clip', '0123456789abcdef', {info.dim}), create=True)")
+              f"MilvusStore({str(tmp_path / 'data' / 'milvus.db')!r}).create('images', "
+              f"ModelIdentity('other/clip', '0123456789abcdef', {info.model.dim}))")
     subprocess.run([sys.executable, "-c", create], check=True, cwd=ROOT, timeout=120)
 
     service = start_search(tmp_path, embedder_service.address).wait_ready()
@@ -49,12 +49,12 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
             with pytest.raises(grpc.RpcError) as error:
                 client.search_text("a photo of a red circle")
             assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-            for needle in ("'other/clip'", "0123456789abcdef", info.fingerprint, "another collection"):
+            for needle in ("'other/clip'", "0123456789abcdef", info.model.fingerprint, "another collection"):
                 assert needle in error.value.details()
             # The mismatch is per collection: another one works.
             [result] = client.ingest([IngestItem(photo(), "x")], collection="fresh")
-            assert result.status == IngestResult.INSERTED
-            assert client.stats().model == "other/clip"
+            assert result.status == IngestResult.STATUS_INSERTED
+            assert client.stats().model.name == "other/clip"
         # Reported at start-up too (retried if Milvus Lite was slow to load it).
         deadline = time.monotonic() + 30
         while "holds" not in service.log() and time.monotonic() < deadline:
@@ -65,21 +65,24 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
 
 
 def test_search_service_starts_before_the_embedder_and_recovers(tmp_path):
-    """Started first, the search service is alive but not ready, answers
-    UNAVAILABLE naming the embedder, then is ready and serves within seconds
+    """Started first, the search service is ready (it can serve what needs no
+    embedder), reports the embedder down under "dependencies", answers
+    searches UNAVAILABLE naming the embedder, and serves them within seconds
     of the embedder coming up."""
     port = free_port()
     search = start_search(tmp_path, f"127.0.0.1:{port}").wait_ready(service=LIVENESS)
     try:
         with SearchClient(search.address) as client:
-            assert status(search.address) == "NOT_SERVING"
+            assert status(search.address) == "SERVING"
+            assert status(search.address, service=DEPENDENCIES) == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as error:
                 client.search_text("a photo of a red circle")
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
             assert f"embedder at 127.0.0.1:{port} is unavailable" in error.value.details()
             embedder = start_embedder(tmp_path, port=port).wait_ready()
             try:
-                search.wait_ready(timeout_s=5)  # readiness follows within one check interval
+                # followed within one check interval
+                search.wait_ready(timeout_s=5, service=DEPENDENCIES)
                 assert client.search_text("a photo of a red circle") == []
             finally:
                 assert embedder.stop() == 0

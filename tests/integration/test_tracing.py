@@ -52,9 +52,9 @@ def test_one_trace_from_search_into_the_embedder(collector, tmp_path):
         deadline = time.monotonic() + 10
         while True:
             named = {(service, span.name): span for service, span in spans.spans}
-            wanted = [("imagesearch-search", "imagesearch.v1.ImageSearch/SearchByText"),
-                      ("imagesearch-search", "imagesearch.v1.Embedder/EncodeText"),
-                      ("imagesearch-embedder", "imagesearch.v1.Embedder/EncodeText")]
+            wanted = [("imagesearch-search", "imagesearch.v1.ImageSearchService/SearchByText"),
+                      ("imagesearch-search", "imagesearch.v1.EmbedderService/EncodeText"),
+                      ("imagesearch-embedder", "imagesearch.v1.EmbedderService/EncodeText")]
             if all(key in named for key in wanted):
                 break
             assert time.monotonic() < deadline, sorted(named)

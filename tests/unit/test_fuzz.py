@@ -19,7 +19,7 @@ from embedder_service.preprocess import ImageDecodeError, Preprocessor, decode_i
 from imagesearch.v1 import search_pb2
 from search_service.errors import InvalidArgument
 from search_service.filters import build
-from search_service.servicer import _Query
+from search_service.validation import Query
 from tests.services import TEST_MODEL
 
 PREPROCESSOR = Preprocessor.from_pretrained(TEST_MODEL)
@@ -99,7 +99,7 @@ filters = st.builds(
                  filter=filters))
 def test_search_requests_validate_or_are_invalid_argument(request):
     try:
-        query = _Query(request)
+        query = Query(request)
     except InvalidArgument as exc:
         assert str(exc)
         return

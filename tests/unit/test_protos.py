@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,3 +19,24 @@ def test_generated_stubs_are_fresh(tmp_path):
     assert fresh.keys() == committed.keys()
     stale = [str(name) for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"stale stubs {stale}: run python tools/gen_protos.py"
+
+
+BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
+
+
+def _buf(*args: str) -> subprocess.CompletedProcess:
+    assert BUF.exists(), "buf is missing: run scripts/install.sh (it installs @bufbuild/buf)"
+    return subprocess.run([str(BUF), *args], cwd=ROOT / "protos", capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_protos_pass_buf_lint():
+    run = _buf("lint")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_protos_keep_the_revised_v1_wire_contract():
+    """protos/v1-baseline.binpb is the revised v1 (buf build -o); changes
+    that would break a v1 client fail here. Replace it only for v2."""
+    run = _buf("breaking", "--against", "v1-baseline.binpb")
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from search_service.servicer import _ReadAhead
+from search_service.ingest import _ReadAhead
 
 
 def test_bytes_bound_the_read_ahead_and_one_big_item_still_fits():

@@ -1,0 +1,312 @@
+"""Ingest: a stream of images in, acknowledgements out, batch by batch.
+
+- `Item`: one image of the stream, with its position in it.
+- `plan`: pure: of a batch, which images to embed, which failed checks, and
+  which follow another copy (earlier in the batch, or being written by
+  another stream of this process).
+- `InFlight`: the images being written by any stream of this process. A
+  second stream of the same image waits for that write and answers
+  ALREADY_PRESENT, so each new image gets exactly one INSERTED per process.
+- `IngestPipeline`: reads ahead (bounded in items and bytes), embeds batch
+  n+1 while batch n is written, and sends each batch's results as soon as
+  its write returns, in stream order.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
+
+from prometheus_client import Counter
+
+from imagesearch.v1 import search_pb2
+from search_service import consistency, validation
+from search_service.embedder_client import EmbedderClient
+from search_service.errors import (CollectionNotFound, InvalidArgument, ModelMismatch,
+                                   ServiceError)
+from search_service.store import MilvusStore, ModelIdentity, Row
+
+Result = search_pb2.IngestResult
+INGESTED = Counter("search_images_ingested_total",
+                   "Ingest results, by status (inserted, already_present, failed)", ["status"])
+_END = object()  # end of the request stream
+
+
+def image_id(data: bytes) -> str:
+    """Content address of an image: re-ingesting the same bytes finds the same row."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Item:
+    index: int  # position in the stream, across messages
+    image: bytes
+    uri: str
+    metadata: dict[str, str]
+
+
+@dataclass
+class Plan:
+    embed: dict[str, Item]  # id -> the first copy of each image this batch stores
+    failed: dict[int, str]  # index -> why, for items that fail their checks
+    follow: list[tuple[Item, str]] = field(default_factory=list)  # (item, id whose fate it shares)
+
+
+def plan(items: list[Item], ids: list[str], errors: dict[int, str], busy: set[str]) -> Plan:
+    """What to do with a batch: `ids` are the items' image ids, `errors` the
+    items that failed their checks, `busy` the ids another batch is writing."""
+    result = Plan(embed={}, failed=dict(errors))
+    for item, id_ in zip(items, ids):
+        if item.index in errors:
+            continue
+        if id_ in busy or id_ in result.embed:
+            result.follow.append((item, id_))
+        else:
+            result.embed[id_] = item
+    return result
+
+
+class InFlight:
+    """Ids being written, per collection, each with the future of its write:
+    it ends with "" when the image is stored, or with why it is not."""
+
+    def __init__(self) -> None:
+        self._writes: dict[tuple[str, str], asyncio.Future] = {}
+
+    def busy(self, collection: str, ids: list[str]) -> dict[str, asyncio.Future]:
+        return {id_: self._writes[(collection, id_)] for id_ in ids
+                if (collection, id_) in self._writes}
+
+    def claim(self, collection: str, ids: list[str]) -> dict[str, asyncio.Future]:
+        loop = asyncio.get_running_loop()
+        claims = {id_: loop.create_future() for id_ in ids}
+        self._writes.update({(collection, id_): future for id_, future in claims.items()})
+        return claims
+
+    def settle(self, collection: str, outcomes: dict[str, str]) -> None:
+        for id_, error in outcomes.items():
+            future = self._writes.pop((collection, id_), None)
+            if future is not None and not future.done():
+                future.set_result(error)
+
+
+class _ReadAhead:
+    """At most `max_items` items and `max_bytes` of image bytes (a larger
+    single item still fits alone). One reader puts, one consumer takes."""
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue(max_items)
+        self._bytes, self._max_bytes = 0, max_bytes
+        self._taken = asyncio.Event()
+
+    async def put(self, item, size: int = 0) -> None:
+        while self._bytes and self._bytes + size > self._max_bytes:
+            self._taken.clear()
+            await self._taken.wait()
+        self._bytes += size
+        await self._queue.put((item, size))
+
+    def _release(self, entry):
+        item, size = entry
+        self._bytes -= size
+        self._taken.set()
+        return item
+
+    async def get(self):
+        return self._release(await self._queue.get())
+
+    def get_nowait(self):
+        return self._release(self._queue.get_nowait())
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+
+@dataclass
+class _Batch:
+    """A batch between embedding and its acknowledgement."""
+    items: list[Item]
+    rows: list[Row]
+    results: dict[int, Result]
+    claims: dict[str, str]  # id -> "" or why it failed, for the ids this batch stores
+    follow: list[tuple[Item, str, asyncio.Future]]
+
+
+class IngestPipeline:
+    """One Ingest stream. `milvus(fn, *args)` runs a blocking store call off the event loop."""
+
+    def __init__(self, collection: str, store: MilvusStore, milvus: Callable[..., Awaitable],
+                 embedder: EmbedderClient, in_flight: InFlight, batch_size: int,
+                 max_batch_bytes: int, context) -> None:
+        self._collection = collection
+        self._store, self._milvus = store, milvus
+        self._embedder = embedder
+        self._in_flight = in_flight
+        self._batch_size, self._max_batch_bytes = batch_size, max_batch_bytes
+        self._context = context
+        self._model: ModelIdentity | None = None  # the collection's, once it exists
+
+    async def run(self, first: search_pb2.IngestRequest, rest: AsyncIterator
+                  ) -> AsyncIterator[search_pb2.IngestResponse]:
+        """The responses to a stream whose first message is `first`."""
+        try:
+            self._model = await self._milvus(self._store.open, self._collection)
+        except CollectionNotFound:
+            pass  # created for the embedder's model with the first batch
+        queue = _ReadAhead(2 * self._batch_size, 2 * self._max_batch_bytes)
+        out: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read(first, rest, queue))
+        worker = asyncio.create_task(self._work(queue, out))
+        try:
+            while (response := await out.get()) is not _END:
+                if isinstance(response, ServiceError):
+                    raise response
+                yield response
+        finally:
+            reader.cancel()
+            worker.cancel()
+
+    async def _read(self, first, rest: AsyncIterator, queue: _ReadAhead) -> None:
+        index, number, request = 0, 0, first
+        try:
+            while True:
+                if number and request.collection:
+                    raise InvalidArgument(f"message {number} names a collection: set "
+                                          "`collection` in the first message only")
+                for entry in request.items:
+                    await queue.put(Item(index, entry.image, entry.uri, dict(entry.metadata)),
+                                    len(entry.image))
+                    index += 1
+                request = await anext(rest, None)
+                if request is None:
+                    break
+                number += 1
+        except ServiceError as exc:
+            await queue.put(exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message
+            await queue.put(InvalidArgument(f"request stream message {number + 1}: {exc}"))
+            return
+        await queue.put(_END)
+
+    async def _work(self, queue: _ReadAhead, out: asyncio.Queue) -> None:
+        """Embed batch n+1 while batch n is written; each write task answers
+        its batch as soon as it returns, after the batch before it."""
+        writing: asyncio.Task | None = None
+        try:
+            done = False
+            while not done:
+                items, done = await self._next_batch(queue)
+                if not items:
+                    continue
+                batch = await self._prepare(items)
+                if writing is not None:  # shielded: a write runs to its end (see finally)
+                    await asyncio.shield(writing)
+                writing = asyncio.create_task(self._store_batch(batch, out))
+            if writing is not None:
+                await asyncio.shield(writing)
+            out.put_nowait(_END)
+        except ServiceError as exc:
+            if writing is not None:  # what the write in flight stored is acknowledged first
+                try:
+                    await asyncio.shield(writing)
+                except ServiceError as write_error:  # unless it failed too: report that
+                    exc = write_error
+            out.put_nowait(exc)
+        finally:
+            if writing is not None and not writing.done():
+                # The caller left: how the write ends is nobody's concern, but
+                # it runs to its end so other streams waiting on its ids learn it.
+                writing.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    async def _next_batch(self, queue: _ReadAhead) -> tuple[list[Item], bool]:
+        """Wait for one item, then take whatever else is already queued, up to
+        the batch size and the batch byte bound. No waiting for more: a quiet
+        stream's items are stored (and acknowledged) at once."""
+        batch, size = [], 0
+        item = await queue.get()
+        while item is not _END:
+            if isinstance(item, ServiceError):  # the stream itself broke
+                raise item
+            batch.append(item)
+            size += len(item.image)
+            if len(batch) == self._batch_size or size >= self._max_batch_bytes or queue.empty():
+                return batch, False
+            item = queue.get_nowait()
+        return batch, True
+
+    async def _prepare(self, items: list[Item]) -> _Batch:
+        """Check and plan a batch, skip what is stored, embed the rest."""
+        # Hashing releases the GIL: off the event loop, it runs beside it.
+        ids = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [image_id(item.image) if item.image else "" for item in items])
+        errors = {item.index: error for item in items
+                  if (error := validation.item_error(item.image, item.uri, item.metadata))}
+        busy = self._in_flight.busy(self._collection, ids)
+        todo = plan(items, ids, errors, set(busy))
+        results = {item.index: Result(index=item.index, id=id_, uri=item.uri, status=Result.STATUS_FAILED,
+                                      error=todo.failed[item.index])
+                   for item, id_ in zip(items, ids) if item.index in todo.failed}
+        claimed = self._in_flight.claim(self._collection, list(todo.embed))
+        follow = [(item, id_, busy.get(id_) or claimed[id_]) for item, id_ in todo.follow]
+        claims = dict.fromkeys(claimed, "")
+        try:
+            present = await self._milvus(self._store.existing_ids, self._collection,
+                                         list(todo.embed)) if self._model else set()
+            new = [(id_, item) for id_, item in todo.embed.items() if id_ not in present]
+            vectors, model = await self._embedder.encode_images(
+                [item.image for _, item in new], self._model, self._context) if new else ([], None)
+            if self._model is None and model is not None:
+                await self._create(model)
+            rows = []
+            for (id_, item), vector in zip(new, vectors):
+                if isinstance(vector, str):
+                    claims[id_] = vector
+                    results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
+                                                 status=Result.STATUS_FAILED, error=vector)
+                else:
+                    rows.append(Row(id=id_, vector=vector.tolist(), uri=item.uri,
+                                    metadata=item.metadata))
+                    results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
+                                                 status=Result.STATUS_INSERTED)
+            for id_ in present:
+                item = todo.embed[id_]
+                results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
+                                             status=Result.STATUS_ALREADY_PRESENT)
+        except BaseException as exc:  # nothing of it will be written: waiters must not hang
+            why = str(exc) if isinstance(exc, ServiceError) else "its ingest stream ended"
+            self._in_flight.settle(self._collection, dict.fromkeys(claimed, why))
+            raise
+        return _Batch(items, rows, results, claims, follow)
+
+    async def _create(self, model: ModelIdentity) -> None:
+        """Create the collection for the model of the first vectors. Another
+        process may have created it first, for another model."""
+        built = await self._milvus(self._store.create, self._collection, model)
+        if not built.same(model):
+            raise ModelMismatch(f"collection {self._collection!r} was just created by another "
+                                f"process for model {built}, but the embedder serves model "
+                                f"{model}: run embedders of one model")
+        self._model = built
+
+    async def _store_batch(self, batch: _Batch, out: asyncio.Queue) -> None:
+        try:
+            await self._milvus(self._store.write, self._collection, batch.rows)
+        except BaseException as exc:
+            why = str(exc) if isinstance(exc, ServiceError) else "its ingest stream ended"
+            self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, why))
+            raise
+        self._in_flight.settle(self._collection, batch.claims)
+        for item, id_, write in batch.follow:  # a copy's fate is its first copy's
+            error = await write
+            batch.results[item.index] = Result(
+                index=item.index, id=id_, uri=item.uri, error=error,
+                status=Result.STATUS_FAILED if error else Result.STATUS_ALREADY_PRESENT)
+        # Taken after the write, so the token covers it, and covers the rows
+        # found present (another writer's, seen by the Strong read before it).
+        token = consistency.encode(await self._milvus(self._store.timestamp))
+        results = [batch.results[item.index] for item in batch.items]
+        for result in results:
+            INGESTED.labels(Result.Status.Name(result.status).removeprefix("STATUS_").lower()).inc()
+        out.put_nowait(search_pb2.IngestResponse(results=results, consistency_token=token))
