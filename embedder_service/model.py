@@ -73,7 +73,9 @@ def _features(output: torch.Tensor | object) -> torch.Tensor:
 
 class ClipEncoder:
     """A CLIP model on one device: texts and preprocessed image crops in,
-    L2-normalised float32 vectors out. Not thread-safe: call from one thread.
+    L2-normalised float32 vectors out. `encode_texts` and `encode_images` may
+    run at once on two threads (they share only read-only weights), but
+    each from one thread at a time.
     On CUDA, texts run through captured graphs (text_graphs.py) unless
     `cuda_graphs` is off or capturing fails."""
 

@@ -3,8 +3,11 @@
 The event loop only validates and answers. Images are decoded off it: JPEGs
 the GPU decoder takes (device_images.py) on two decode threads with their
 own CUDA streams, everything else in the preprocess pool (threads or
-processes). Texts and pixels go through one dynamic batcher each, and the
-model runs on one dedicated thread so that forward passes never interleave.
+processes). Texts and pixels go through one dynamic batcher each, and each
+batcher has a model thread of its own: a text query never waits behind
+image batches (which may take seconds on a CPU), and passes of one kind
+never interleave. Requests larger than a model batch are cut into batches,
+so image requests share their thread fairly too.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from prometheus_client import Gauge
 
 from embedder_service.batcher import Batcher, Expired, QueueFull
@@ -39,6 +44,21 @@ def _bad_items_message(kind: str, bad: list[tuple[int, str]]) -> str:
     return f"{len(bad)} bad item(s): {listed}{more}"
 
 
+async def _bad_request(context: grpc.aio.ServicerContext, message: str,
+                       violations: list[tuple[str, str]]) -> None:
+    """INVALID_ARGUMENT with `message` for people and, for programs, a
+    google.rpc.BadRequest detail listing each (field, why): no parsing of
+    the message needed (AIP-193)."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
+        for field, why in violations]))
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
+    trailing = (*(context.trailing_metadata() or ()),
+                ("grpc-status-details-bin", status.SerializeToString()))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=trailing)
+
+
 def _row_chunks(parts: list, size: int) -> list[list]:
     """The rows of `parts` (arrays or tensors, in order) as consecutive runs
     of at most `size` rows, each a list of slices of the parts."""
@@ -61,13 +81,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
     def __init__(self, encoder: ClipEncoder, config: EmbedderConfig) -> None:
         self._encoder = encoder
         self._config = config
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._text_thread = ThreadPoolExecutor(1, thread_name_prefix="model-text")
+        self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="model-image")
         limits = dict(max_batch=config.batch_size, max_wait_s=config.batch_wait_ms / 1000,
                       max_queue=config.max_queue)
         self.texts = Batcher("text", lambda payloads: encoder.encode_texts(
-            [text for texts in payloads for text in texts]), self._model_thread, **limits)
+            [text for texts in payloads for text in texts]), self._text_thread, **limits)
         self.images = Batcher("image", lambda payloads: encoder.encode_images(
-            [part for parts in payloads for part in parts]), self._model_thread, **limits)
+            [part for parts in payloads for part in parts]), self._image_thread, **limits)
         self._decoding = 0  # image items admitted and being decoded
         DECODING.set_function(lambda: self._decoding)
         mode = config.preprocess_mode
@@ -107,11 +128,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
     async def _check_count(self, kind: str, count: int, context: grpc.aio.ServicerContext) -> None:
         if count == 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no {kind} in the request")
+            await _bad_request(context, f"no {kind} in the request", [(kind, "empty")])
         if count > self._config.max_batch_items:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"{count} {kind} in one request; the limit is "
-                                f"{self._config.max_batch_items}: split the request")
+            why = (f"{count} {kind} in one request; the limit is "
+                   f"{self._config.max_batch_items}: split the request")
+            await _bad_request(context, why, [(kind, why)])
 
     async def _encode(self, batcher: Batcher, chunks: list[tuple[object, int]],
                       context: grpc.aio.ServicerContext) -> np.ndarray:
@@ -153,7 +174,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         await self._check_count("texts", len(texts), context)
         bad = [(i, "empty or only whitespace") for i, t in enumerate(texts) if not t.strip()]
         if bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _bad_items_message("texts", bad))
+            await _bad_request(context, _bad_items_message("texts", bad),
+                               [(f"texts[{i}]", why) for i, why in bad])
         size = self._config.batch_size
         chunks = [texts[start:start + size] for start in range(0, len(texts), size)]
         vectors = await self._encode(self.texts, [(chunk, len(chunk)) for chunk in chunks], context)
@@ -173,8 +195,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         finally:
             self._decoding -= len(images)
         if errors and not request.allow_partial:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                _bad_items_message("images", sorted(errors.items())))
+            bad = sorted(errors.items())
+            await _bad_request(context, _bad_items_message("images", bad),
+                               [(f"images[{i}]", why) for i, why in bad])
         vectors = np.zeros((0, self._identity.dim), dtype=np.float32)
         if order:
             chunks = _row_chunks(parts, self._config.batch_size)
@@ -237,8 +260,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         """One text and one image through the model, as a health check."""
         loop = asyncio.get_running_loop()
         height, width = self._encoder.preprocessor.crop_size
-        await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["probe"])
-        await loop.run_in_executor(self._model_thread, self._encoder.encode_images,
+        await loop.run_in_executor(self._text_thread, self._encoder.encode_texts, ["probe"])
+        await loop.run_in_executor(self._image_thread, self._encoder.encode_images,
                                    [np.zeros((1, height, width, 3), dtype=np.uint8)])
 
     async def warm_up(self) -> None:
@@ -248,5 +271,5 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         height, width = self._encoder.preprocessor.crop_size
         for n in sorted({1, self._config.batch_size}):
             crops = np.zeros((n, height, width, 3), dtype=np.uint8)
-            await loop.run_in_executor(self._model_thread, self._encoder.encode_texts, ["warm up"] * n)
-            await loop.run_in_executor(self._model_thread, self._encoder.encode_images, [crops])
+            await loop.run_in_executor(self._text_thread, self._encoder.encode_texts, ["warm up"] * n)
+            await loop.run_in_executor(self._image_thread, self._encoder.encode_images, [crops])

@@ -5,6 +5,7 @@ Talks to the search service over gRPC; needs neither torch nor Milvus.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -195,14 +196,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _session_file(server: str) -> Path:
+    """Where the CLI keeps the consistency token of its newest write to
+    `server`, so that `imgsearch search` right after `imgsearch ingest` sees
+    what was ingested, even on a Milvus server (whose token-less reads may
+    lag a few seconds)."""
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "imgsearch" / f"{hashlib.sha256(server.encode()).hexdigest()[:16]}.token"
+
+
+def _read_token(path: Path) -> bytes:
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        return b""
+
+
+def _save_token(path: Path, token: bytes) -> None:
+    """Best effort: a CLI that cannot write its state still did its work."""
+    if token <= _read_token(path):  # tokens order as bytes; keep the newest
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token.hex())
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else \
             os.environ.get("IMGSEARCH_TOKEN", "")
         args.security = Security(args.tls_ca, args.tls_cert, args.tls_key, token)
+        session = _session_file(args.server)
         with SearchClient(args.server, timeout_s=args.timeout, security=args.security) as client:
-            return args.run(client, args)
+            client.consistency_token = _read_token(session)
+            try:
+                return args.run(client, args)
+            finally:
+                _save_token(session, client.consistency_token)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         if exc.code() == grpc.StatusCode.UNAVAILABLE:

@@ -7,6 +7,7 @@ import io
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
 from imagesearch.client import IngestItem, IngestResult
@@ -54,6 +55,21 @@ def test_encode_image_rejects(embedder_stub, images, needles):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     for needle in needles:
         assert needle in error.details()
+
+
+def test_bad_items_come_as_field_violations(embedder_stub):
+    """Besides the message, a google.rpc.BadRequest names each bad item, and
+    the request id still comes back."""
+    error = status_of(embedder_stub.EncodeImage, embedder_pb2.EncodeImageRequest(
+        images=[b"plain text, not an image", photo(), b""]))
+    trailing = dict(error.trailing_metadata())
+    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
+    assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], error.details())
+    request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(request)
+    assert [v.field for v in request.field_violations] == ["images[0]", "images[2]"]
+    assert request.field_violations[1].description == "empty image bytes"
+    assert trailing["x-request-id"]
 
 
 def test_too_many_items(embedder_stub, embedder):

@@ -3,6 +3,8 @@ Lite, the bundled test model, a freshly generated image set, the CLI."""
 from __future__ import annotations
 
 import json
+import os
+import queue
 
 import grpc
 import numpy as np
@@ -12,7 +14,7 @@ from PIL import Image
 from imagesearch.cli import find_images
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import LABELS, caption
-from imagesearch.v1 import search_pb2
+from imagesearch.v1 import search_pb2, search_pb2_grpc
 from tests.conftest import EVAL_PER_LABEL
 from tests.services import imgsearch, photo, start_search
 
@@ -156,3 +158,37 @@ def test_a_broken_stream_still_acknowledges_what_was_written(one_per_batch):
         ("ok-0", "STATUS_INSERTED"), ("ok-1", "STATUS_INSERTED")]
     with SearchClient(one_per_batch.address, timeout_s=60) as client:
         assert client.stats("broken").count == 2
+
+
+def test_cli_search_right_after_cli_ingest_sees_it(search_service, tmp_path):
+    """Two CLI processes: the search passes the token the ingest left, so
+    on a Milvus server too it sees the image at once."""
+    folder = tmp_path / "fresh"
+    folder.mkdir()
+    (folder / "new.jpg").write_bytes(photo(900))
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    run = imgsearch(search_service.address, "--collection", "cli_fresh", "ingest", str(folder),
+                    "--quiet", env=env)
+    assert run.returncode == 0, run.stderr
+    run = imgsearch(search_service.address, "--collection", "cli_fresh", "search", "--image",
+                    str(folder / "new.jpg"), "-k", "1", "--json", env=env)
+    assert run.returncode == 0, run.stderr
+    assert [hit["uri"] for hit in json.loads(run.stdout)] == [str(folder / "new.jpg")]
+
+
+def test_a_caller_that_waits_for_each_acknowledgement_gets_it(search_service):
+    """The stream stays open and the next item is sent only after the last
+    one's result came: each result must come without more input (before,
+    it waited for the next item or the end of the stream)."""
+    outbox: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(search_service.address) as channel:
+        responses = search_pb2_grpc.ImageSearchServiceStub(channel).Ingest(
+            iter(outbox.get, None), timeout=60)
+        for n in range(3):
+            outbox.put(search_pb2.IngestRequest(
+                collection="" if n else "one_by_one",
+                items=[search_pb2.IngestItem(image=photo(950 + n), uri=str(n))]))
+            response = next(responses)
+            assert [(r.index, r.status) for r in response.results] == [(n, IngestResult.STATUS_INSERTED)]
+        outbox.put(None)
+        assert list(responses) == []
