@@ -1,9 +1,17 @@
 """`python -m embedder_service`: load the model, warm up, serve until SIGTERM."""
 from __future__ import annotations
 
+import signal
+import sys
+
+# Installed before anything slow (imports, the model, Milvus): as PID 1 in a
+# container without an init, a process ignores any signal it has no handler
+# for, so SIGTERM during start-up would wait for the model to load. The
+# server's own handler replaces this one once it serves.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
 import asyncio
 import logging
-import sys
 
 import torch
 from prometheus_client import Gauge
@@ -27,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     tracing.setup("imagesearch-embedder")
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
+    log.info("loading model %s", config.model)
     try:
         encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size,
                               cuda_graphs=config.cuda_graphs)

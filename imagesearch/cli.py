@@ -8,6 +8,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,15 @@ from imagesearch.client import (DEFAULT_SEARCH_SERVER, Hit, IngestItem, IngestRe
 from imagesearch.grid import write_grid
 from imagesearch.health import status, wait_serving
 from imagesearch.security import channel_credentials
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (\\x1b, \\n, ...): stored uris and
+    metadata come from other callers and must not drive the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -69,7 +79,7 @@ def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
     print(f"{len(paths)} images: {counts[IngestResult.STATUS_INSERTED]} inserted, "
           f"{counts[IngestResult.STATUS_ALREADY_PRESENT]} already present, {len(failures)} failed")
     for uri, why in failures:
-        print(f"  failed: {uri}: {why}")
+        print(f"  failed: {printable(uri)}: {printable(why)}")
     return 1 if failures else 0
 
 
@@ -79,7 +89,7 @@ def _print_hits(hits: list[Hit], as_json: bool) -> None:
                           for h in hits], indent=2))
         return
     for rank, hit in enumerate(hits, 1):
-        print(f"{rank:3d}  {hit.score:.4f}  {hit.id[:12]}  {hit.uri}")
+        print(f"{rank:3d}  {hit.score:.4f}  {hit.id[:12]}  {printable(hit.uri)}")
 
 
 def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
@@ -109,7 +119,7 @@ def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
 def cmd_stats(client: SearchClient, args: argparse.Namespace) -> int:
     stats = client.stats(args.collection)
     print(f"collection {stats.collection}: {stats.count} images, {stats.model.dim}-d vectors, "
-          f"model {stats.model.name} ({stats.model.fingerprint})")
+          f"model {printable(stats.model.name)} ({printable(stats.model.fingerprint)})")
     return 0
 
 
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _save_token(session, client.consistency_token)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"error: {exc.code().name}: {printable(exc.details() or '')}", file=sys.stderr)
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
             print(f"is the search service running at {args.server}? (--server HOST:PORT; "
                   "--tls-ca if it serves TLS)", file=sys.stderr)

@@ -126,15 +126,18 @@ class SearchClient(_Client):
 
     def _messages(self, items: Iterable[IngestItem], collection: str
                   ) -> Iterator[search_pb2.IngestRequest]:
-        """Items grouped into messages of up to 32 images and half the message limit."""
+        """Items grouped into messages of up to 32 images and half the message
+        limit, counted as encoded (uri, metadata and framing included)."""
         request, size = search_pb2.IngestRequest(collection=collection), 0
         for item in items:
+            entry = search_pb2.IngestItem(image=item.image, uri=item.uri, metadata=item.metadata)
+            cost = entry.ByteSize() + 6  # the field's tag and length
             if request.items and (len(request.items) == _ITEMS_PER_MESSAGE
-                                  or size + len(item.image) > self.max_message_bytes // 2):
+                                  or size + cost > self.max_message_bytes // 2):
                 yield request
                 request, size = search_pb2.IngestRequest(), 0
-            request.items.add(image=item.image, uri=item.uri, metadata=item.metadata)
-            size += len(item.image)
+            request.items.append(entry)
+            size += cost
         if request.items:
             yield request
 

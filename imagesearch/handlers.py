@@ -11,12 +11,14 @@ _KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
           ("stream_stream", grpc.stream_stream_rpc_method_handler))
 
 
-def rebuild(handler: grpc.RpcMethodHandler,
-            behavior_for: Callable[[Callable], Callable]) -> grpc.RpcMethodHandler:
-    """The same RPC with its behaviour replaced by `behavior_for(old behaviour)`."""
+def rebuild(handler: grpc.RpcMethodHandler, behavior_for: Callable[[Callable], Callable],
+            raw: bool = False) -> grpc.RpcMethodHandler:
+    """The same RPC with its behaviour replaced by `behavior_for(old behaviour)`;
+    with `raw`, the new behaviour gets the request bytes unparsed."""
     for kind, factory in _KINDS:
         behavior = getattr(handler, kind)
         if behavior is not None:
-            return factory(behavior_for(behavior), request_deserializer=handler.request_deserializer,
+            return factory(behavior_for(behavior),
+                           request_deserializer=None if raw else handler.request_deserializer,
                            response_serializer=handler.response_serializer)
     return handler

@@ -7,7 +7,11 @@ Every RPC passes through `RpcInterceptor`, which
 - counts the call and times it, by method and status code, for Prometheus
   (`grpc_server_handled_total`, `grpc_server_handling_seconds`);
 - logs calls that end in a server-side error status (and, at debug level,
-  every call).
+  every call);
+- parses the request itself, after authentication (security.py hands it a
+  refusal that takes raw bytes), so an unauthenticated call is
+  UNAUTHENTICATED whatever its bytes, and a malformed one INVALID_ARGUMENT,
+  counted and logged (one line, at most one a second) like any other.
 """
 from __future__ import annotations
 
@@ -95,12 +99,64 @@ class _Call:
         request_id.reset(token)
 
 
-def _wrap(behavior, call_info):
+class MalformedRequest(ValueError):
+    """Request bytes that are not the method's request message."""
+
+
+class _Throttled:
+    """A warning at most every `interval_s`; the ones in between are counted."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self._interval_s, self._next, self._skipped = interval_s, 0.0, 0
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        more = f" (and {self._skipped} more since the last such line)" if self._skipped else ""
+        log.warning("%s%s", message, more)
+        self._next, self._skipped = now + self._interval_s, 0
+
+
+_MALFORMED = _Throttled()
+
+
+def _parser(deserializer):
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or a string field not UTF-8
+            raise MalformedRequest(f"the request is not a valid message of this method: "
+                                   f"{exc}") from None
+    return parse
+
+
+async def _parsed_stream(requests, parse):
+    async for raw in requests:
+        yield parse(raw)
+
+
+async def _request(request, parse, streaming: bool, context):
+    """The parsed request (or stream of them); INVALID_ARGUMENT when it is not one."""
+    if parse is None:  # a refusal: the bytes are never looked at
+        return request
+    if streaming:
+        return _parsed_stream(request, parse)
+    try:
+        return parse(request)
+    except MalformedRequest as exc:
+        _MALFORMED.warning(f"malformed request refused: {exc}")
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def _wrap(behavior, call_info, parse, streaming: bool):
     if inspect.isasyncgenfunction(behavior):
         async def stream(request, context):
             call, exc = _Call(*call_info), None
             token = call.begin(context)
             try:
+                request = await _request(request, parse, streaming, context)
                 async for response in behavior(request, context):
                     yield response
             except BaseException as e:
@@ -114,6 +170,7 @@ def _wrap(behavior, call_info):
         call, exc = _Call(*call_info), None
         token = call.begin(context)
         try:
+            request = await _request(request, parse, streaming, context)
             return await behavior(request, context)
         except BaseException as e:
             exc = e
@@ -129,7 +186,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         info = (handler_call_details.method, handler_call_details.invocation_metadata)
-        return rebuild(handler, lambda behavior: _wrap(behavior, info))
+        parse = _parser(handler.request_deserializer) if handler.request_deserializer else None
+        return rebuild(handler, lambda behavior: _wrap(behavior, info, parse,
+                                                       handler.request_streaming), raw=True)
 
 
 def start_metrics(port: int, host: str) -> None:

@@ -91,4 +91,4 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or invalid token: send metadata "
                                 "'authorization: Bearer TOKEN' with a token the server accepts")
-        return rebuild(handler, lambda _: deny)
+        return rebuild(handler, lambda _: deny, raw=True)  # the bytes are never parsed

@@ -1,10 +1,18 @@
 """`python -m search_service`: open Milvus, connect to the embedder, serve until SIGTERM."""
 from __future__ import annotations
 
+import signal
+import sys
+
+# Installed before anything slow (imports, the model, Milvus): as PID 1 in a
+# container without an init, a process ignores any signal it has no handler
+# for, so SIGTERM during start-up would wait for the model to load. The
+# server's own handler replaces this one once it serves.
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
 import asyncio
 import logging
 import os
-import sys
 
 from imagesearch import tracing
 from imagesearch.observability import setup_logging
@@ -16,7 +24,7 @@ from search_service.embedder_client import EmbedderClient
 from search_service.errors import ServiceError
 from search_service.readiness import watch_dependencies
 from search_service.servicer import ImageSearchServicer
-from search_service.store import HnswParams, MilvusStore, is_lite
+from search_service.store import HnswParams, MilvusStore
 
 log = logging.getLogger("search_service")
 
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         store.connect()
     except ServiceError as exc:
-        if is_lite(store.uri):  # a local file that cannot be opened will not heal by itself
+        if store.lite:  # a local file that cannot be opened will not heal by itself
             log.error("%s", exc)
             sys.exit(2)
         log.warning("%s; serving anyway and reconnecting on each call", exc)

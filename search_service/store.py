@@ -40,6 +40,7 @@ from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException
 
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
                                    ServiceError)
+from search_service.lite import PrivateLite
 
 log = logging.getLogger(__name__)
 MILVUS_CALLS = Histogram("search_milvus_call_seconds",
@@ -49,6 +50,11 @@ MILVUS_CALLS = Histogram("search_milvus_call_seconds",
 # pymilvus logs a traceback for every failed call; the service reports each
 # failure itself, once, with the status the caller gets.
 logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+# Milvus Lite serves pymilvus from a gRPC server inside this process, the only
+# synchronous gRPC server here, and that logs an ERROR traceback for every
+# method it lacks (AllocTimestamp, which pymilvus asks while creating an
+# index); pymilvus copes, so it is noise.
+logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 MAX_URI_LENGTH = 4096
 MAX_RESULT_WINDOW = 16384  # Milvus's limit on top_k + offset
@@ -118,9 +124,11 @@ class MilvusStore:
         self.uri = uri
         self._token = token
         self._timeout_s = timeout_s
-        self._hnsw = None if is_lite(uri) else hnsw
+        self.lite = is_lite(uri)
+        self._hnsw = None if self.lite else hnsw
         self._max_write_bytes = max_write_bytes
         self._client: MilvusClient | None = None
+        self._lite: PrivateLite | None = None  # the Milvus Lite server of a *.db uri
         self._connect_lock = threading.Lock()
         self._open_lock = threading.Lock()
         # What is known of each collection, so each is checked once per process.
@@ -131,13 +139,22 @@ class MilvusStore:
         with self._connect_lock:
             if self._client is None:
                 try:
-                    self._client = MilvusClient(uri=self.uri, token=self._token,
-                                                timeout=self._timeout_s)
+                    if self.lite and self._lite is None:
+                        self._lite = self._start_lite()
+                    self._client = MilvusClient(uri=self._lite.uri if self._lite else self.uri,
+                                                token=self._token, timeout=self._timeout_s)
                 except (MilvusException, OSError) as exc:
                     raise DependencyUnavailable(
                         f"Milvus at {self.uri} is unavailable (connect): {_message(exc)}; "
                         "retry with backoff") from exc
             return self._client
+
+    def _start_lite(self) -> PrivateLite:
+        try:
+            return PrivateLite(self.uri)
+        except Exception as exc:  # noqa: BLE001 - milvus-lite raises what its storage raises
+            raise DependencyUnavailable(f"Milvus Lite cannot open {self.uri}: "
+                                        f"{type(exc).__name__}: {exc}") from exc
 
     def _error(self, action: str, exc: Exception) -> ServiceError:
         """INTERNAL when Milvus refused the request itself (our bug: a retry
@@ -235,7 +252,7 @@ class MilvusStore:
 
     def _read(self, after: int) -> dict:
         """Consistency of a search or count that must see the write stamped `after` (0: none)."""
-        if self._hnsw is None:  # Milvus Lite: one process, no time ticks to wait for
+        if self.lite:  # one process, no time ticks to wait for
             return _STRONG
         if after:
             return {"consistency_level": "Customized", "guarantee_timestamp": after}
@@ -256,7 +273,7 @@ class MilvusStore:
         read. 0 on Milvus Lite, whose reads are Strong anyway. pymilvus's
         MilvusClient has no public call for it (nor returns write
         timestamps), so this asks its connection handler."""
-        if self._hnsw is None:
+        if self.lite:
             return 0
         return self._call("allocate a timestamp", "alloc_timestamp", handler=True)
 
@@ -291,6 +308,8 @@ class MilvusStore:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+        if self._lite is not None:
+            self._lite.stop()
 
 
 def _message(exc: Exception) -> str:

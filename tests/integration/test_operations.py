@@ -3,6 +3,7 @@ reflection, Prometheus metrics after known traffic, request ids across
 services, and round-robin over several embedder replicas."""
 from __future__ import annotations
 
+import queue
 import re
 import signal
 import threading
@@ -194,3 +195,23 @@ def test_readiness_is_the_process_and_dependencies_are_reported(tmp_path):
     finally:
         search.stop()
         embedder.stop()
+
+
+def test_a_cancelled_ingest_is_counted_as_cancelled(search_service):
+    """The caller cancels a stream after its first acknowledgement: the call
+    ends CANCELLED in the metrics, never UNKNOWN, and logs no warning."""
+    def counted(code: str) -> float:
+        return metric(scrape(search_service), "grpc_server_handled_total", grpc_method="Ingest",
+                      grpc_code=code)
+    before = {code: counted(code) for code in ("CANCELLED", "UNKNOWN")}
+    outbox: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(search_service.address) as channel:
+        call = search_pb2_grpc.ImageSearchServiceStub(channel).Ingest(iter(outbox.get, None),
+                                                                       timeout=60)
+        outbox.put(search_pb2.IngestRequest(collection="cancelled", items=[
+            search_pb2.IngestItem(image=photo(970), uri="first")]))
+        next(call)
+        call.cancel()
+        outbox.put(None)  # lets gRPC's request thread finish
+    eventually(lambda: counted("CANCELLED") == before["CANCELLED"] + 1, 10)
+    assert counted("UNKNOWN") == before["UNKNOWN"]

@@ -7,18 +7,24 @@
 """
 from __future__ import annotations
 
+import io
+import re
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
-from tests.services import ROOT, SearchLoad, metric, scrape, start_embedder, start_search
+from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
+from tests.services import (ROOT, SearchLoad, metric, photo, scrape, start_embedder, start_search,
+                            status_of)
 
 PHOTOS = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
 
@@ -155,3 +161,99 @@ def test_caller_deadline_reaches_the_embedder_and_costs_no_model_time(tmp_path):
         metric(before, "grpc_server_handled_total", **expired) == 1
     assert metric(after, "embedder_batch_size_count", batcher="text") == \
         metric(before, "embedder_batch_size_count", batcher="text")
+
+
+def _webp(side: int) -> bytes:
+    """A flat lossless WebP: a few dozen bytes that decode to side x side pixels."""
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (200, 30, 30)).save(out, format="WEBP", lossless=True,
+                                                       method=0, quality=0)
+    return out.getvalue()
+
+
+def _peak_rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def test_hostile_decode_work_stops_at_the_deadline(tmp_path):
+    """16 lossless WebPs of a few bytes each, at the largest size WebP may
+    have (its decode cost counts double): with a 2 s deadline the call ends
+    DEADLINE_EXCEEDED, the images not started are never decoded, and a normal
+    request right after takes at most 2 s more than it does on an idle
+    server; peak memory grows by under 1 GB. At 7000x7000 they cost more
+    than WebP may and are refused before any decoding."""
+    embedder = start_embedder(tmp_path).wait_ready()
+    try:
+        with EmbedderClient(embedder.address, timeout_s=60) as client:
+            normal = [photo(i) for i in range(4)]
+            started = time.monotonic()
+            client.encode_images(normal)
+            idle_s = time.monotonic() - started
+            too_costly = status_of(client.encode_images, [_webp(7000)] * 16)
+            assert too_costly.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "WEBP costs 2x baseline JPEG to decode" in too_costly.details()
+
+            rss = _peak_rss_mb(embedder.process.pid)
+            request = embedder_pb2.EncodeImageRequest(images=[_webp(5000)] * 16)
+            with grpc.insecure_channel(embedder.address) as channel:
+                stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
+                hostile = status_of(lambda: stub.EncodeImage(request, timeout=2))
+            assert hostile.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            started = time.monotonic()
+            assert client.encode_images(normal).shape[0] == 4
+            assert time.monotonic() - started < idle_s + 2
+            assert _peak_rss_mb(embedder.process.pid) - rss < 1024
+    finally:
+        assert embedder.stop() == 0
+
+
+def _sized_jpeg(seed: int, size: int) -> bytes:
+    """A JPEG padded after its end marker (as camera trailers are) to exactly `size` bytes."""
+    data = photo(seed)
+    return data + bytes(size - len(data))
+
+
+def test_requests_are_cut_by_their_encoded_size(tmp_path):
+    """Two items just under and just over half of the embedder's message
+    limit arrive in one message (the search service takes twice as much):
+    each fits an embedder request alone, together they would overflow one,
+    so the search service sends them in two. Both are stored."""
+    embedder = start_embedder(tmp_path, "--max-message-mb", "4").wait_ready()
+    search = start_search(tmp_path, embedder.address, "--max-message-mb", "8").wait_ready()
+    try:
+        half = 2 << 20
+        request = search_pb2.IngestRequest(collection="sized", items=[
+            search_pb2.IngestItem(image=_sized_jpeg(1, half - 200), uri="a"),
+            search_pb2.IngestItem(image=_sized_jpeg(2, half + 800), uri="b")])
+        with grpc.insecure_channel(search.address, options=[
+                ("grpc.max_send_message_length", 8 << 20)]) as channel:
+            responses = search_pb2_grpc.ImageSearchServiceStub(channel).Ingest(iter([request]),
+                                                                              timeout=60)
+            results = [r for response in responses for r in response.results]
+        assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 2, results
+    finally:
+        search.stop(), embedder.stop()
+
+
+def test_a_response_too_large_for_one_message_says_how_to_fix_it(tmp_path):
+    """Hits whose metadata add up to more than the message limit: OUT_OF_RANGE
+    with what to do, counted as such (never OK), and the service goes on."""
+    embedder = start_embedder(tmp_path).wait_ready()
+    search = start_search(tmp_path, embedder.address, "--max-message-mb", "1").wait_ready()
+    try:
+        with SearchClient(search.address, max_message_mb=1) as client:
+            items = [IngestItem(photo(80 + i), f"{i}", {"note": "x" * 60_000}) for i in range(20)]
+            assert all(r.status == IngestResult.STATUS_INSERTED
+                       for r in client.ingest(items, collection="big_rows"))
+            error = status_of(client.search_text, "a photo of a red circle", 20, "big_rows")
+            assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+            assert "ask for fewer (a lower top_k)" in error.details()
+            assert len(client.search_text("a photo of a red circle", 5, "big_rows")) == 5
+        samples = scrape(search)
+        assert metric(samples, "grpc_server_handled_total", grpc_method="SearchByText",
+                      grpc_code="OUT_OF_RANGE") == 1
+        assert metric(samples, "grpc_server_handled_total", grpc_method="SearchByText",
+                      grpc_code="OK") == 1
+    finally:
+        search.stop(), embedder.stop()

@@ -192,3 +192,23 @@ def test_a_caller_that_waits_for_each_acknowledgement_gets_it(search_service):
             assert [(r.index, r.status) for r in response.results] == [(n, IngestResult.STATUS_INSERTED)]
         outbox.put(None)
         assert list(responses) == []
+
+
+def test_cli_escapes_control_characters_that_other_callers_stored(search_service, tmp_path):
+    """A uri with a terminal title sequence and a line break (here a file
+    name: ingest stores the path) is printed escaped: no raw escape, no
+    fake result line."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    image = folder / "x\x1b]0;pwned\x07\n  1  0.9999  000000000000  fake.jpg"
+    image.write_bytes(photo(960))
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    run = imgsearch(search_service.address, "--collection", "evil", "ingest", str(folder),
+                    "--quiet", env=env)
+    assert run.returncode == 0, run.stderr
+    run = imgsearch(search_service.address, "--collection", "evil", "search", "--image",
+                    str(image), "-k", "1", env=env)
+    assert run.returncode == 0, run.stderr
+    assert "\x1b" not in run.stdout and "\x07" not in run.stdout
+    assert len(run.stdout.splitlines()) == 1
+    assert "x\\x1b]0;pwned\\x07\\n  1  0.9999" in run.stdout

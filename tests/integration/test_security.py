@@ -4,6 +4,7 @@ cases, on real processes. The certificates are made here (trustme)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,7 +14,7 @@ from imagesearch.client import EmbedderClient, SearchClient, Security
 from imagesearch.health import status
 from imagesearch.serving import DEPENDENCIES
 from imagesearch.security import channel_credentials
-from tests.services import imgsearch, start_embedder, start_search, status_of
+from tests.services import imgsearch, metric, scrape, start_embedder, start_search, status_of
 
 TOKENS = ("first-token-3f9a", "second-token-77c1")
 
@@ -139,3 +140,58 @@ def test_tokens_never_reach_a_command_line(secure_system):
     _, search = secure_system
     cmdline = open(f"/proc/{search.process.pid}/cmdline", "rb").read().decode()
     assert not any(token in cmdline for token in TOKENS)
+
+
+@pytest.mark.parametrize("method", ["SearchByText", "GetStats", "Ingest"])
+def test_garbage_is_refused_by_auth_first_then_as_malformed(pki, secure_system, method):
+    """Bytes that are no request: UNAUTHENTICATED without a token, whatever
+    they are; INVALID_ARGUMENT with one; each call counted in the metrics."""
+    _, search = secure_system
+    garbage = b"\x0a\x05abc"  # a string field cut short: not parseable
+    path = f"/imagesearch.v1.ImageSearchService/{method}"
+    before = metric(scrape(search), "grpc_server_handled_total", grpc_method=method)
+    with grpc.secure_channel(search.address, channel_credentials(pki["ca"])) as channel:
+        if method == "Ingest":
+            call = channel.stream_stream(path, request_serializer=None, response_deserializer=None)
+            send = lambda **kw: list(call(iter([garbage]), timeout=10, **kw))  # noqa: E731
+        else:
+            call = channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+            send = lambda **kw: call(garbage, timeout=10, **kw)  # noqa: E731
+        assert status_of(send).code() == grpc.StatusCode.UNAUTHENTICATED
+        error = status_of(lambda: send(metadata=(("authorization", f"Bearer {TOKENS[0]}"),)))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "not a valid message" in error.details()
+    after = metric(scrape(search), "grpc_server_handled_total", grpc_method=method)
+    assert after - before == 2
+    assert "Traceback" not in search.log()
+
+
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports process `pid` listens on, from /proc."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_no_listening_socket_of_the_search_process_serves_milvus(secure_system, tmp_path):
+    """Milvus Lite runs inside the search process: it must not be reachable
+    around the token. The process listens on its API and metrics ports only
+    (neither speaks Milvus), and Lite's Unix socket sits in a 0700 folder."""
+    from pymilvus import MilvusClient, MilvusException
+    _, search = secure_system
+    ports = _listening_tcp_ports(search.process.pid)
+    assert ports == {search.port, search.metrics_port}, ports
+    for port in ports:
+        with pytest.raises(MilvusException):
+            MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=3).list_collections()
+    folder = next(Path(search.log_path.parent).rglob(".milvus-lite"))
+    assert folder.stat().st_mode & 0o777 == 0o700

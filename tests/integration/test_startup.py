@@ -1,9 +1,12 @@
 """Start-up failures are loud and say what to do; a collection never mixes models."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,7 +14,8 @@ import pytest
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
 from imagesearch.serving import DEPENDENCIES, LIVENESS
-from tests.services import ROOT, TEST_MODEL, free_port, photo, start_embedder, start_search
+from tests.services import (ROOT, TEST_MODEL, eventually, free_port, photo, start_embedder,
+                            start_search)
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
@@ -88,3 +92,27 @@ def test_search_service_starts_before_the_embedder_and_recovers(tmp_path):
                 assert embedder.stop() == 0
     finally:
         assert search.stop() == 0
+
+
+def test_sigterm_while_loading_exits_at_once_even_as_pid_1(tmp_path):
+    """In a PID namespace of its own the embedder is PID 1, as in a container
+    without an init: it ignores signals it has no handler for. SIGTERM while
+    the model loads must still end it, before it ever serves."""
+    log = tmp_path / "embedder.log"
+    with open(log, "wb") as out:
+        wrapper = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", sys.executable, "-m",
+             "embedder_service", "--model", str(TEST_MODEL), "--port", str(free_port()),
+             "--metrics-port", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        children = Path(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children")
+        eventually(lambda: children.read_text().strip(), 30)
+        embedder = int(children.read_text().split()[0])
+        eventually(lambda: "loading model" in log.read_text(), 60)
+        os.kill(embedder, signal.SIGTERM)
+        wrapper.wait(10)  # unshare ends with its child
+        assert "listening" not in log.read_text(), log.read_text()
+    finally:
+        wrapper.kill()
+        wrapper.wait()

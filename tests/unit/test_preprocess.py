@@ -35,6 +35,7 @@ from embedder_service.preprocess import (  # noqa: E402
     ImageDecodeError,
     Preprocessor,
     convert_to_rgb,
+    declared_cost,
     decode_image,
 )
 
@@ -585,5 +586,24 @@ def test_huge_image_under_a_raised_limit_still_decodes_header_first():
     data = bomb_png(3000, 3000)
     with pytest.raises(ImageDecodeError, match="3000x3000 = 9 Mpx, above the 1 Mpx limit"):
         decode_image(data, max_pixels=1_000_000)
-    image = decode_image(data, max_pixels=10_000_000)
+    image = decode_image(data, max_pixels=18_000_000)  # a PNG costs 2 pixels a pixel
     assert image.size == (3000, 3000) and image.mode == "RGB"
+
+
+def test_decode_cost_is_per_format_and_checked_from_the_header():
+    """WebP and PNG cost double, 16-bit PNG four times: under the pixel limit
+    but over its format's cost, an image is refused before decoding."""
+    png8 = bomb_png(3000, 3000)
+    png16 = png_from_rows(1000, 1000, 16, 0, (bytes(2000) for _ in range(1000)))
+    jpeg = encode(Image.new("RGB", (3000, 3000)), "JPEG")
+    webp = encode(Image.new("RGB", (3000, 3000)), "WEBP", lossless=True)
+    assert [declared_cost(d) for d in (jpeg, png8, webp, png16)] == [
+        9_000_000, 18_000_000, 18_000_000, 4_000_000]
+    assert declared_cost(b"not an image") == 0
+    assert decode_image(jpeg, max_pixels=10_000_000).size == (3000, 3000)
+    for data in (png8, webp):
+        with pytest.raises(ImageDecodeError, match="costs 2x baseline JPEG to decode, so its "
+                                                   "limit is 5 Mpx"):
+            decode_image(data, max_pixels=10_000_000)
+    with pytest.raises(ImageDecodeError, match="PNG costs 4x"):
+        decode_image(png16, max_pixels=3_000_000)
