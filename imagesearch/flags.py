@@ -20,6 +20,7 @@ class ServerConfig:
     metrics_port: int
     reflection: bool
     max_message_mb: int
+    max_streams: int
     grace_s: float
     log_level: str
     log_format: str
@@ -67,6 +68,9 @@ class EnvArgumentParser(argparse.ArgumentParser):
                            "and call the services (true or false)")
         self.env_flag("--max-message-mb", default=64, type=positive_int,
                       help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
+        self.env_flag("--max-streams", default=100, type=positive_int,
+                      help="concurrent calls one client connection may have open (HTTP/2 "
+                           "SETTINGS_MAX_CONCURRENT_STREAMS); more wait for a free one")
         self.env_flag("--grace-s", default=10.0, type=positive_float,
                       help="on SIGTERM, seconds in-flight calls get to finish")
         self.env_flag("--log-level", default="info", help="debug, info, warning or error")

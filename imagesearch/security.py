@@ -5,19 +5,24 @@
 - A client trusts the server through a CA file, and presents its own
   certificate and key when the server asks for mutual TLS.
 - Tokens are read from an environment variable or a file (one per line, so
-  a new token can be added before the old one is removed), never from the
-  command line, and never logged. Callers send `authorization: Bearer TOKEN`
+  a new token can be added before the old one is removed; the file is read
+  again when it changes, so tokens rotate without a restart), never from
+  the command line, and never logged. Callers send `authorization: Bearer TOKEN`
   metadata; each configured token is compared in constant time.
 """
 from __future__ import annotations
 
 import hmac
+import logging
 import os
+import time
 from pathlib import Path
 
 import grpc
 
 from imagesearch.handlers import rebuild
+
+log = logging.getLogger(__name__)
 
 AUTH_HEADER = "authorization"
 # Probes (kubelet, Docker, load balancers) carry no token.
@@ -54,12 +59,50 @@ def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.Cha
         certificate_chain=_read(cert, "client certificate") if cert else None)
 
 
-def load_tokens(env_var: str, file: str = "") -> list[str]:
-    """The accepted tokens: the variable's value and the file's non-empty lines."""
-    tokens = [os.environ.get(env_var, "").strip()]
-    if file:
-        tokens += _read(file, "token file").decode().splitlines()
-    return [t.strip() for t in tokens if t.strip()]
+class Tokens:
+    """The accepted tokens: the environment variable's value and the file's
+    non-empty lines. The file is checked for changes at most once a second
+    and read again when it changed; if it cannot be read then, the tokens
+    read before stay (and the failure is logged)."""
+
+    def __init__(self, env_var: str, file: str = "", check_every_s: float = 1.0) -> None:
+        self._env = os.environ.get(env_var, "").strip()
+        self._file, self._check_every_s = file, check_every_s
+        self._version: tuple | None = None
+        self._next_check = 0.0
+        self._tokens: list[bytes] = []
+        self._load()  # an unreadable file at start is a start-up error
+
+    def _load(self) -> None:
+        lines = []
+        if self._file:
+            try:
+                stat = os.stat(self._file)
+            except OSError as exc:
+                raise SecurityConfigError(f"cannot read the token file {self._file}: "
+                                          f"{exc.strerror or exc}") from exc
+            version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            if version == self._version:
+                return
+            lines = _read(self._file, "token file").decode().splitlines()
+            if self._version is not None:
+                log.info("token file %s changed: tokens read again", self._file)
+            self._version = version
+        self._tokens = [t.strip().encode() for t in [self._env, *lines] if t.strip()]
+
+    def current(self) -> list[bytes]:
+        now = time.monotonic()
+        if self._file and now >= self._next_check:
+            self._next_check = now + self._check_every_s
+            try:
+                self._load()
+            except SecurityConfigError as exc:
+                log.warning("%s; keeping the tokens read before", exc)
+        return self._tokens
+
+    def __bool__(self) -> bool:
+        """Whether authentication is on: some token was configured at start."""
+        return bool(self._env or self._file)
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
@@ -70,14 +113,14 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """UNAUTHENTICATED for every call without a valid bearer token, except health checks."""
 
-    def __init__(self, tokens: list[str]) -> None:
-        self._tokens = [t.encode() for t in tokens]
+    def __init__(self, tokens: Tokens) -> None:
+        self._tokens = tokens
 
     def _valid(self, metadata) -> bool:
         header = dict(metadata or ()).get(AUTH_HEADER, "")
         scheme, _, presented = header.partition(" ")
         ok = False
-        for token in self._tokens:  # no early exit: timing says nothing about which matched
+        for token in self._tokens.current():  # no early exit: timing says nothing about which matched
             ok |= hmac.compare_digest(presented.strip().encode(), token)
         return ok and scheme.lower() == "bearer"
 

@@ -29,7 +29,8 @@ from grpc_reflection.v1alpha import reflection
 
 from imagesearch.flags import ServerConfig
 from imagesearch.observability import RpcInterceptor, start_metrics
-from imagesearch.security import SecurityConfigError, TokenAuthInterceptor, server_credentials
+from imagesearch.security import (SecurityConfigError, TokenAuthInterceptor, Tokens,
+                                  server_credentials)
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,16 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
                 service_names: list[str], ready: Callable[[], Awaitable[None]] | None = None,
                 watch: Callable[[], AsyncIterator[bool]] | None = None,
                 dependencies: Callable[[], AsyncIterator[bool]] | None = None,
-                tokens: list[str] | None = None) -> None:
+                tokens: Tokens | None = None) -> None:
     """Run a server until SIGTERM/SIGINT.
 
     `register` adds the servicers; `ready` (optional) runs after the port is
     bound and before health says SERVING, e.g. a warm-up encode; `watch`
     (optional) yields whether the server can serve now, e.g. whether its
     model works, and readiness follows it; `dependencies` (optional) yields
-    whether they all answer, and the "dependencies" health name follows it. With `tokens`, every call
-    but health checks needs one of them (TokenAuthInterceptor); with
-    `config.tls_cert`, the port serves TLS only.
+    whether they all answer, and the "dependencies" health name follows it.
+    With `tokens`, every call but health checks needs one of them
+    (TokenAuthInterceptor); with `config.tls_cert`, the port serves TLS only.
     """
     if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
         raise SystemExit(f"{name}: --tls-cert and --tls-key go together, and --tls-client-ca "
@@ -70,6 +71,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
         options=channel_options(config.max_message_mb << 20) + [
             ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
             ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),
+            ("grpc.max_concurrent_streams", config.max_streams),
             # Let clients probe idle connections with keepalive pings (ours do, every 10 s).
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)])

@@ -16,13 +16,14 @@ import os
 
 from imagesearch import tracing
 from imagesearch.observability import setup_logging
-from imagesearch.security import SecurityConfigError, channel_credentials, load_tokens
+from imagesearch.security import SecurityConfigError, Tokens, channel_credentials
 from imagesearch.serving import serve
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service.config import SearchConfig, parse_config
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import ServiceError
 from search_service.readiness import watch_dependencies
+from search_service.ingest import IngestSettings
 from search_service.servicer import ImageSearchServicer
 from search_service.store import HnswParams, MilvusStore
 
@@ -35,12 +36,15 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
         if config.embedder_tls_ca or config.embedder_tls_cert:
             credentials = channel_credentials(config.embedder_tls_ca, config.embedder_tls_cert,
                                               config.embedder_tls_key)
-        tokens = load_tokens("SEARCH_AUTH_TOKEN", config.auth_token_file)
+        tokens = Tokens("SEARCH_AUTH_TOKEN", config.auth_token_file)
     except SecurityConfigError as exc:
         raise SystemExit(f"search: {exc}") from exc
     embedder = EmbedderClient(config.embedder, config.embedder_timeout_s,
                               config.max_message_mb << 20, credentials)
-    servicer = ImageSearchServicer(store, embedder, config.collection, config.ingest_batch,
+    ingest = IngestSettings(batch_size=config.ingest_batch,
+                            max_batch_bytes=(config.max_message_mb << 20) // 2,
+                            idle_s=config.stream_idle_s)
+    servicer = ImageSearchServicer(store, embedder, config.collection, ingest,
                                    config.max_message_mb << 20)
     startup_check = asyncio.create_task(servicer.check_default_collection())
     service_name = search_pb2.DESCRIPTOR.services_by_name["ImageSearchService"].full_name

@@ -16,6 +16,7 @@ class SearchConfig(ServerConfig):
     data_dir: str
     collection: str
     ingest_batch: int
+    stream_idle_s: float
     milvus_timeout_s: float
     milvus_write_kb: int
     hnsw_m: int
@@ -64,6 +65,10 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--embedder-tls-key", default="", help="PEM private key of --embedder-tls-cert")
     p.env_flag("--ingest-batch", default=32, type=positive_int,
                help="most ingest items embedded and written together")
+    p.env_flag("--stream-idle-s", default=300.0, type=positive_float,
+               help="an Ingest stream that sends no message for this long ends with "
+                    "DEADLINE_EXCEEDED (after acknowledging what it stored), so idle streams "
+                    "do not hold memory and connections for ever")
     p.env_flag("--milvus-timeout-s", default=10.0, type=positive_float,
                help="longest wait for one Milvus call; then UNAVAILABLE")
     p.env_flag("--milvus-write-kb", default=16384, type=at_least(128),

@@ -23,8 +23,8 @@ from prometheus_client import Counter
 from imagesearch.v1 import search_pb2
 from search_service import consistency, validation
 from search_service.embedder_client import EmbedderClient
-from search_service.errors import (CollectionNotFound, InvalidArgument, ModelMismatch,
-                                   ServiceError)
+from search_service.errors import (CollectionNotFound, DeadlineExceeded, InvalidArgument,
+                                   ModelMismatch, ServiceError)
 from search_service.store import MilvusStore, ModelIdentity, Row
 
 Result = search_pb2.IngestResult
@@ -133,17 +133,25 @@ class _Batch:
     follow: list[tuple[Item, str, asyncio.Future]]
 
 
+@dataclass(frozen=True)
+class IngestSettings:
+    batch_size: int  # images embedded and written together, at most
+    max_batch_bytes: int  # image bytes in one batch (one larger image goes alone)
+    idle_s: float  # a stream quiet for longer ends with DEADLINE_EXCEEDED
+
+
 class IngestPipeline:
     """One Ingest stream. `milvus(fn, *args)` runs a blocking store call off the event loop."""
 
     def __init__(self, collection: str, store: MilvusStore, milvus: Callable[..., Awaitable],
-                 embedder: EmbedderClient, in_flight: InFlight, batch_size: int,
-                 max_batch_bytes: int, context) -> None:
+                 embedder: EmbedderClient, in_flight: InFlight, settings: IngestSettings,
+                 context) -> None:
         self._collection = collection
         self._store, self._milvus = store, milvus
         self._embedder = embedder
         self._in_flight = in_flight
-        self._batch_size, self._max_batch_bytes = batch_size, max_batch_bytes
+        self._batch_size, self._max_batch_bytes = settings.batch_size, settings.max_batch_bytes
+        self._idle_s = settings.idle_s
         self._context = context
         self._model: ModelIdentity | None = None  # the collection's, once it exists
 
@@ -178,7 +186,11 @@ class IngestPipeline:
                     await queue.put(Item(index, entry.image, entry.uri, dict(entry.metadata)),
                                     len(entry.image))
                     index += 1
-                request = await anext(rest, None)
+                try:
+                    request = await asyncio.wait_for(anext(rest, None), self._idle_s)
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    raise DeadlineExceeded(f"the stream sent nothing for {self._idle_s:g} s: it "
+                                           "is closed; send the rest in a new stream") from None
                 if request is None:
                     break
                 number += 1

@@ -20,7 +20,7 @@ from search_service import consistency, validation
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, InvalidArgument,
                                    ServiceError)
-from search_service.ingest import InFlight, IngestPipeline
+from search_service.ingest import InFlight, IngestPipeline, IngestSettings
 from search_service.store import MilvusStore, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,11 @@ def _model(identity: ModelIdentity) -> embedder_pb2.ModelIdentity:
 
 class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
     def __init__(self, store: MilvusStore, embedder: EmbedderClient, default_collection: str,
-                 ingest_batch: int, max_message_bytes: int) -> None:
+                 ingest: IngestSettings, max_message_bytes: int) -> None:
         self._store = store
         self._embedder = embedder
         self._default_collection = default_collection
-        self._batch_size = ingest_batch
+        self._ingest = ingest
         self._max_message_bytes = max_message_bytes
         self._in_flight = InFlight()
         self._milvus_thread = ThreadPoolExecutor(_MILVUS_THREADS, thread_name_prefix="milvus")
@@ -176,8 +176,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
                 return  # an empty stream stores nothing
             collection = validation.collection(first.collection, self._default_collection)
             pipeline = IngestPipeline(collection, self._store, self._milvus, self._embedder,
-                                      self._in_flight, self._batch_size,
-                                      self._max_message_bytes // 2, context)
+                                      self._in_flight, self._ingest, context)
             async for response in pipeline.run(first, requests):
                 yield response
         except ServiceError as exc:

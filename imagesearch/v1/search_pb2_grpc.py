@@ -90,7 +90,8 @@ class ImageSearchServiceServicer:
         UNAVAILABLE         the embedder or Milvus cannot be reached (the
         message names which); retry with backoff.
         RESOURCE_EXHAUSTED  the embedder is at its bound: back off and retry.
-        DEADLINE_EXCEEDED   the caller's deadline passed.
+        DEADLINE_EXCEEDED   the caller's deadline passed, or the stream sent
+        no message for the server's --stream-idle-s.
         CANCELLED           the caller cancelled the stream.
         INTERNAL            the embedder or Milvus failed in another way (the
         message says how).

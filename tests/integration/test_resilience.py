@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import io
+import queue
 import re
 import signal
 import threading
@@ -257,3 +258,27 @@ def test_a_response_too_large_for_one_message_says_how_to_fix_it(tmp_path):
                       grpc_code="OK") == 1
     finally:
         search.stop(), embedder.stop()
+
+
+def test_an_idle_ingest_stream_is_closed_and_keeps_what_it_stored(embedder_service, tmp_path):
+    """A stream that sends one image, gets its acknowledgement and then goes
+    quiet ends DEADLINE_EXCEEDED after --stream-idle-s, saying why; the
+    acknowledged image stays stored."""
+    search = start_search(tmp_path, embedder_service.address, "--stream-idle-s", "1").wait_ready()
+    outbox: queue.Queue = queue.Queue()
+    try:
+        with grpc.insecure_channel(search.address) as channel:
+            responses = search_pb2_grpc.ImageSearchServiceStub(channel).Ingest(
+                iter(outbox.get, None), timeout=60)
+            outbox.put(search_pb2.IngestRequest(collection="idle", items=[
+                search_pb2.IngestItem(image=photo(990), uri="only")]))
+            [result] = next(responses).results
+            assert result.status == IngestResult.STATUS_INSERTED
+            error = status_of(lambda: next(responses))
+            outbox.put(None)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "sent nothing for 1 s" in error.details()
+        with SearchClient(search.address) as client:
+            assert client.stats("idle").count == 1
+    finally:
+        assert search.stop() == 0

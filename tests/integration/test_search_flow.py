@@ -51,6 +51,7 @@ def test_stats(search, embedder, ingested):
     stats = search.stats()
     info = embedder.model_info()
     assert (stats.collection, stats.model) == ("images", info.model)
+    assert info.model.name == "shapes-clip"  # the directory's name, never its path
 
 
 def test_search_by_image_finds_itself(search, eval_images, ingested):

@@ -14,7 +14,8 @@ from imagesearch.client import EmbedderClient, SearchClient, Security
 from imagesearch.health import status
 from imagesearch.serving import DEPENDENCIES
 from imagesearch.security import channel_credentials
-from tests.services import imgsearch, metric, scrape, start_embedder, start_search, status_of
+from tests.services import (eventually, imgsearch, metric, scrape, start_embedder, start_search,
+                            status_of)
 
 TOKENS = ("first-token-3f9a", "second-token-77c1")
 
@@ -195,3 +196,30 @@ def test_no_listening_socket_of_the_search_process_serves_milvus(secure_system, 
             MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=3).list_collections()
     folder = next(Path(search.log_path.parent).rglob(".milvus-lite"))
     assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_rewritten_token_file_takes_effect_without_a_restart(tmp_path, embedder_service):
+    """Rotation: a token added to the file works within seconds, and one
+    removed from it stops working; the process is never restarted."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("old-token-1111\n")
+    search = start_search(tmp_path, embedder_service.address, "--auth-token-file",
+                          str(tokens)).wait_ready()
+
+    def accepted(token: str) -> bool:
+        with SearchClient(search.address, timeout_s=10, security=Security(token=token)) as client:
+            try:
+                client.stats("no_such")
+            except grpc.RpcError as exc:  # NOT_FOUND once past authentication
+                return exc.code() != grpc.StatusCode.UNAUTHENTICATED
+            raise AssertionError("a collection that does not exist was found")
+    try:
+        assert accepted("old-token-1111") and not accepted("new-token-2222")
+        tokens.write_text("old-token-1111\nnew-token-2222\n")
+        eventually(lambda: accepted("new-token-2222"), 10)
+        tokens.write_text("new-token-2222\n")
+        eventually(lambda: not accepted("old-token-1111"), 10)
+        assert accepted("new-token-2222")
+        assert "token file" in search.log() and "2222" not in search.log()
+    finally:
+        assert search.stop() == 0

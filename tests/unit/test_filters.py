@@ -47,7 +47,8 @@ def test_prefix_range_holds_exactly_the_strings_with_the_prefix():
 
 
 @pytest.mark.parametrize("bad", [flt(k=[]), flt(**{"": ["x"]}), flt(k=["a\nb"]), flt(k=["x" * 1025]),
-                                 flt(**{f"k{i}": ["x"] for i in range(17)}), flt(k=["v"] * 1 + [str(i) for i in range(256)])])
+                                 flt(**{f"k{i}": ["x"] for i in range(17)}), flt(k=["v"] * 1 + [str(i) for i in range(64)]),
+                                 flt(a=[str(i) for i in range(40)], b=[str(i) for i in range(25)])])
 def test_malformed_filters_are_invalid_argument(bad):
     with pytest.raises(InvalidArgument) as info:
         build(bad)
