@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from bench.photos import make_jpegs, unique
-from imagesearch.serving import channel_options
+from imagesearch.channels import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
 
 TARGETS = ("EncodeText", "EncodeImage", "SearchByText", "Ingest")

@@ -1,10 +1,10 @@
-"""`python -m embedder_service`: load the model, warm up, serve until SIGTERM."""
+"""`python -m embedder_service`: check the flags, load the model, warm up, serve until SIGTERM."""
 from __future__ import annotations
 
 import signal
 import sys
 
-# Installed before anything slow (imports, the model, Milvus): as PID 1 in a
+# Installed before anything slow (imports, the model): as PID 1 in a
 # container without an init, a process ignores any signal it has no handler
 # for, so SIGTERM during start-up would wait for the model to load. The
 # server's own handler replaces this one once it serves.
@@ -13,14 +13,11 @@ signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 import asyncio
 import logging
 
-import torch
 from prometheus_client import Gauge
 
 from embedder_service.config import parse_config
-from embedder_service.device_images import DeviceDecodeUnavailable
-from embedder_service.model import ClipEncoder, ModelLoadError
-from embedder_service.servicer import EmbedderServicer
 from imagesearch import tracing
+from imagesearch.flags import check_tls, exit_startup
 from imagesearch.observability import setup_logging
 from imagesearch.serving import serve
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
@@ -32,7 +29,16 @@ MODEL_LOAD = Gauge("embedder_model_load_seconds", "Seconds the model took to loa
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level, config.log_format)
+    check_tls(config, "embedder")
     tracing.setup("imagesearch-embedder")
+    # torch and the model code load only now, so that a flag or file mistake
+    # is reported in a second, not after the seconds torch takes to import.
+    import torch
+
+    from embedder_service.device_images import DeviceDecodeUnavailable
+    from embedder_service.model import ClipEncoder, ModelLoadError
+    from embedder_service.servicer import EmbedderServicer
+
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     log.info("loading model %s", config.model)
@@ -40,14 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size,
                               cuda_graphs=config.cuda_graphs)
     except ModelLoadError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+        exit_startup(str(exc))
     MODEL_LOAD.set(encoder.load_seconds)
     try:
         servicer = EmbedderServicer(encoder, config)
     except DeviceDecodeUnavailable as exc:
-        log.error("--image-decode gpu: %s", exc)
-        sys.exit(2)
+        exit_startup(f"--image-decode gpu: {exc}")
     service_name = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
     asyncio.run(serve(
         config, name="embedder", service_names=[service_name],

@@ -12,6 +12,7 @@ so image requests share their thread fairly too.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ import grpc
 import numpy as np
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from PIL import Image
 from prometheus_client import Gauge
 
 from embedder_service.batcher import Batcher, Expired, QueueFull
@@ -290,11 +292,16 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                                    [np.zeros((1, height, width, 3), dtype=np.uint8)])
 
     async def warm_up(self) -> None:
-        """Both encoders at batch 1 and at the full batch size, so the first
-        real calls of either shape meet no lazy initialisation."""
+        """Both encoders at batch 1 and at the full batch size, and every
+        preprocessing worker once (a process pool starts its processes on
+        first use), so the first real calls meet no lazy initialisation."""
         loop = asyncio.get_running_loop()
         height, width = self._encoder.preprocessor.crop_size
         for n in sorted({1, self._config.batch_size}):
             crops = np.zeros((n, height, width, 3), dtype=np.uint8)
             await loop.run_in_executor(self._text_thread, self._encoder.encode_texts, ["warm up"] * n)
             await loop.run_in_executor(self._image_thread, self._encoder.encode_images, [crops])
+        jpeg = io.BytesIO()
+        Image.new("RGB", (2 * width, 2 * height), (128, 128, 128)).save(jpeg, format="JPEG")
+        await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, prepare, [jpeg.getvalue()])
+                               for _ in range(self._config.preprocess_workers)))

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 
 from imagesearch.security import bearer, channel_credentials
-from imagesearch.serving import channel_options
+from imagesearch.channels import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
 
 DEFAULT_SEARCH_SERVER = "localhost:50052"

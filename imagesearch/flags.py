@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,26 @@ class ServerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def exit_startup(message: str) -> NoReturn:
+    """The one way a service stops for a problem the operator must fix (a
+    flag, a file, a port, a model): one line on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def check_tls(config: ServerConfig, name: str) -> None:
+    """Refuse TLS flags that do not go together, or files that cannot be read,
+    before anything slow (a model, Milvus) starts."""
+    from imagesearch.security import SecurityConfigError, server_credentials
+    if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
+        exit_startup(f"{name}: --tls-cert and --tls-key go together, and --tls-client-ca needs them")
+    if config.tls_cert:
+        try:
+            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        except SecurityConfigError as exc:
+            exit_startup(f"{name}: {exc}")
 
 
 class EnvArgumentParser(argparse.ArgumentParser):

@@ -28,6 +28,7 @@ import grpc
 from prometheus_client import Counter, Histogram, start_http_server
 
 from imagesearch import tracing
+from imagesearch.flags import exit_startup
 from imagesearch.handlers import rebuild
 
 log = logging.getLogger(__name__)
@@ -197,8 +198,8 @@ def start_metrics(port: int, host: str) -> None:
         try:
             start_http_server(port, addr=host)
         except OSError as exc:
-            raise SystemExit(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
-                             "pick another --metrics-port, or 0 to turn metrics off") from exc
+            exit_startup(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; "
+                         "pick another --metrics-port, or 0 to turn metrics off")
         log.info("metrics on http://%s:%d/metrics", host, port)
 
 

@@ -27,7 +27,8 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from imagesearch.flags import ServerConfig
+from imagesearch.channels import channel_options
+from imagesearch.flags import ServerConfig, exit_startup
 from imagesearch.observability import RpcInterceptor, start_metrics
 from imagesearch.security import (SecurityConfigError, TokenAuthInterceptor, Tokens,
                                   server_credentials)
@@ -40,11 +41,6 @@ DEPENDENCIES = "dependencies"
 # Connections are closed (with GOAWAY, after in-flight calls) at this age, so
 # clients re-resolve DNS and spread onto replicas added since they connected.
 _MAX_CONNECTION_AGE_MS = 300_000
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC options shared by servers and clients: message size caps both ways."""
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
 
 
 async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio.Server], None],
@@ -62,9 +58,6 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     With `tokens`, every call but health checks needs one of them
     (TokenAuthInterceptor); with `config.tls_cert`, the port serves TLS only.
     """
-    if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
-        raise SystemExit(f"{name}: --tls-cert and --tls-key go together, and --tls-client-ca "
-                         "needs them")
     start_metrics(config.metrics_port, config.host)
     server = grpc.aio.server(
         interceptors=[RpcInterceptor(), *([TokenAuthInterceptor(tokens)] if tokens else [])],
@@ -98,13 +91,14 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     if config.tls_cert:
         try:
             credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        except SecurityConfigError as exc:
-            raise SystemExit(f"{name}: {exc}") from exc
+        except SecurityConfigError as exc:  # checked at start (check_tls); changed since
+            exit_startup(f"{name}: {exc}")
         port = server.add_secure_port(config.address, credentials)
     else:
         port = server.add_insecure_port(config.address)
     if port == 0:
-        raise SystemExit(f"{name}: cannot listen on {config.address} (port in use or bad address)")
+        exit_startup(f"{name}: cannot listen on {config.address} (port in use or bad address): "
+                     "pick another --port")
     await server.start()
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 

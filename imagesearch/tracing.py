@@ -40,8 +40,8 @@ def setup(service_name: str) -> None:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ImportError as exc:
-        raise SystemExit(f"OTEL_EXPORTER_OTLP_ENDPOINT is set, but OpenTelemetry is not installed "
-                         f"({exc.name}): pip install 'imagesearch[tracing]', or unset it") from exc
+        exit_startup(f"OTEL_EXPORTER_OTLP_ENDPOINT is set, but OpenTelemetry is not installed "
+                     f"({exc.name}): pip install 'imagesearch[tracing]', or unset it")
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)  # flushes its spans at exit
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))

@@ -14,7 +14,10 @@ import asyncio
 import logging
 import os
 
+import grpc
+
 from imagesearch import tracing
+from imagesearch.flags import check_tls, exit_startup
 from imagesearch.observability import setup_logging
 from imagesearch.security import SecurityConfigError, Tokens, channel_credentials
 from imagesearch.serving import serve
@@ -30,15 +33,8 @@ from search_service.store import HnswParams, MilvusStore
 log = logging.getLogger("search_service")
 
 
-async def run(config: SearchConfig, store: MilvusStore) -> None:
-    credentials = None
-    try:
-        if config.embedder_tls_ca or config.embedder_tls_cert:
-            credentials = channel_credentials(config.embedder_tls_ca, config.embedder_tls_cert,
-                                              config.embedder_tls_key)
-        tokens = Tokens("SEARCH_AUTH_TOKEN", config.auth_token_file)
-    except SecurityConfigError as exc:
-        raise SystemExit(f"search: {exc}") from exc
+async def run(config: SearchConfig, store: MilvusStore,
+              credentials: grpc.ChannelCredentials | None, tokens: Tokens) -> None:
     embedder = EmbedderClient(config.embedder, config.embedder_timeout_s,
                               config.max_message_mb << 20, credentials)
     ingest = IngestSettings(batch_size=config.ingest_batch,
@@ -63,6 +59,15 @@ async def run(config: SearchConfig, store: MilvusStore) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level, config.log_format)
+    check_tls(config, "search")
+    credentials = None
+    try:  # every file is read before Milvus is touched
+        if config.embedder_tls_ca or config.embedder_tls_cert:
+            credentials = channel_credentials(config.embedder_tls_ca, config.embedder_tls_cert,
+                                              config.embedder_tls_key)
+        tokens = Tokens("SEARCH_AUTH_TOKEN", config.auth_token_file)
+    except SecurityConfigError as exc:
+        exit_startup(f"search: {exc}")
     tracing.setup("imagesearch-search")
     if not config.milvus_uri:
         os.makedirs(config.data_dir, exist_ok=True)
@@ -73,12 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         store.connect()
     except ServiceError as exc:
         if store.lite:  # a local file that cannot be opened will not heal by itself
-            log.error("%s", exc)
-            sys.exit(2)
+            exit_startup(str(exc))
         log.warning("%s; serving anyway and reconnecting on each call", exc)
     log.info("Milvus: %s", store.uri)
     try:
-        asyncio.run(run(config, store))
+        asyncio.run(run(config, store, credentials, tokens))
     finally:
         store.close()
 

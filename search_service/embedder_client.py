@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from imagesearch import tracing
 from imagesearch.observability import outgoing_metadata
-from imagesearch.serving import channel_options
+from imagesearch.channels import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from search_service.errors import (DeadlineExceeded, DependencyUnavailable, ModelMismatch,
                                    Overloaded, ServiceError)

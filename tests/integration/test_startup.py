@@ -116,3 +116,23 @@ def test_sigterm_while_loading_exits_at_once_even_as_pid_1(tmp_path):
     finally:
         wrapper.kill()
         wrapper.wait()
+
+
+@pytest.mark.parametrize("module, flags, needle", [
+    ("embedder_service", ["--tls-cert", "server.pem"], "--tls-cert and --tls-key go together"),
+    ("embedder_service", ["--tls-cert", "no.pem", "--tls-key", "no.key"],
+     "cannot read the TLS key no.key"),
+    ("search_service", ["--tls-client-ca", "ca.pem"], "--tls-client-ca needs them"),
+    ("search_service", ["--embedder-tls-ca", "no-ca.pem"], "cannot read the CA no-ca.pem"),
+])
+def test_a_tls_flag_mistake_exits_2_before_anything_loads(tmp_path, module, flags, needle):
+    """Found before the model or Milvus is touched, in well under 3 s
+    (torch is not even imported yet), on one line, with exit status 2."""
+    started = time.monotonic()
+    own = ["--data-dir", str(tmp_path)] if module == "search_service" else ["--model", str(TEST_MODEL)]
+    run = subprocess.run([sys.executable, "-m", module, *own, *flags], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert time.monotonic() - started < 3
+    assert needle in run.stderr and "loading model" not in run.stderr
+    assert "Traceback" not in run.stderr

@@ -12,15 +12,35 @@ from imagesearch.grid import write_grid
 from tests.services import ROOT
 
 
-def test_client_needs_neither_torch_nor_milvus():
+SERVER_ONLY = ("torch", "transformers", "pymilvus", "milvus_lite", "prometheus_client",
+               "grpc_reflection", "google.rpc")
+
+
+def _without_server_packages(code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a Python where the server-only packages cannot be imported."""
+    block = f"import sys; sys.modules.update(dict.fromkeys({SERVER_ONLY!r})); "
+    return subprocess.run([sys.executable, "-c", block + code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_client_needs_no_server_package():
+    """The base install (client, CLI) needs neither torch nor Milvus nor the
+    server runtime: importing the client registers no Prometheus metrics in
+    the caller's own registry."""
     base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert not [d for d in base if d.split(">")[0].split("=")[0] in ("torch", "transformers", "pymilvus")]
-    blocked = ("import sys; sys.modules.update(torch=None, transformers=None, pymilvus=None, "
-               "milvus_lite=None); import imagesearch.cli as cli, imagesearch.client; "
-               "sys.exit(cli.main(['health', '127.0.0.1:1']))")
-    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
+    names = {d.split(">")[0].split("=")[0].split("<")[0] for d in base}
+    assert not names & {"torch", "transformers", "pymilvus", "prometheus-client",
+                        "grpcio-reflection", "googleapis-common-protos"}, names
+    run = _without_server_packages("import imagesearch.cli as cli, imagesearch.client; "
+                                   "sys.exit(cli.main(['health', '127.0.0.1:1']))")
     assert run.returncode == 1 and run.stdout.strip() == "UNREACHABLE", run.stderr
+
+
+def test_service_commands_without_their_extra_say_what_to_install():
+    run = _without_server_packages("from imagesearch.launch import embedder; embedder()")
+    assert run.returncode == 2
+    assert "imgsearch-embedder needs the embedder extra" in run.stderr
+    assert "pip install 'imagesearch[embedder]'" in run.stderr
 
 
 def test_find_images_is_recursive_and_case_blind(tmp_path):
