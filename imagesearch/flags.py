@@ -7,6 +7,7 @@ over the environment; the environment wins over the built-in default.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -41,17 +42,28 @@ def exit_startup(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+_EXPIRY_WARNING_DAYS = 14
+
+
 def check_tls(config: ServerConfig, name: str) -> None:
-    """Refuse TLS flags that do not go together, or files that cannot be read,
-    before anything slow (a model, Milvus) starts."""
-    from imagesearch.security import SecurityConfigError, server_credentials
+    """Refuse TLS flags that do not go together, files that cannot be read, or
+    an expired certificate, before anything slow (a model, Milvus) starts;
+    warn when the certificate expires within two weeks."""
+    from imagesearch.security import SecurityConfigError, days_left, server_credentials
     if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
         exit_startup(f"{name}: --tls-cert and --tls-key go together, and --tls-client-ca needs them")
     if config.tls_cert:
         try:
             server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            days = days_left(config.tls_cert)
         except SecurityConfigError as exc:
             exit_startup(f"{name}: {exc}")
+        if days < 0:
+            exit_startup(f"{name}: the TLS certificate {config.tls_cert} has expired: renew it")
+        if days < _EXPIRY_WARNING_DAYS:
+            logging.getLogger(__name__).warning(
+                "%s: the TLS certificate %s expires in %.1f days: renew it", name,
+                config.tls_cert, days)
 
 
 class EnvArgumentParser(argparse.ArgumentParser):

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import datetime
 import hmac
 import logging
 import os
@@ -46,6 +47,19 @@ def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerC
         [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
         root_certificates=_read(client_ca, "client CA") if client_ca else None,
         require_client_auth=bool(client_ca))
+
+
+def days_left(cert: str) -> float:
+    """Days until the first certificate in the PEM file `cert` expires
+    (negative once it has)."""
+    from cryptography import x509  # server side only: the [server] extra
+    try:
+        parsed = x509.load_pem_x509_certificate(_read(cert, "TLS certificate"))
+    except ValueError as exc:
+        raise SecurityConfigError(f"the TLS certificate {cert} is not a PEM certificate: "
+                                  f"{exc}") from exc
+    left = parsed.not_valid_after_utc - datetime.datetime.now(datetime.timezone.utc)
+    return left.total_seconds() / 86400
 
 
 def channel_credentials(ca: str = "", cert: str = "", key: str = "") -> grpc.ChannelCredentials:

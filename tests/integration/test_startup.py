@@ -136,3 +136,28 @@ def test_a_tls_flag_mistake_exits_2_before_anything_loads(tmp_path, module, flag
     assert time.monotonic() - started < 3
     assert needle in run.stderr and "loading model" not in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("days, exits", [(-1, True), (5, False)])
+def test_certificate_expiry_is_checked_at_start(tmp_path, days, exits):
+    """An expired certificate stops start-up (exit 2); one that expires
+    within 14 days starts with a warning."""
+    import datetime
+
+    import trustme
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = trustme.CA().issue_cert("127.0.0.1", not_before=now - datetime.timedelta(days=30),
+                                   not_after=now + datetime.timedelta(days=days))
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    embedder = start_embedder(tmp_path, "--tls-cert", str(tmp_path / "cert.pem"),
+                              "--tls-key", str(tmp_path / "key.pem"))
+    try:
+        if exits:
+            assert embedder.process.wait(30) == 2
+            assert "has expired: renew it" in embedder.log()
+        else:
+            eventually(lambda: "loading model" in embedder.log(), 60)
+            assert "expires in 5.0 days: renew it" in embedder.log()
+    finally:
+        embedder.stop()
