@@ -59,6 +59,17 @@ def weights_fingerprint(model: CLIPModel) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_local(name: str) -> None:
+    """A name written as a path must be a directory: otherwise transformers
+    would try it as a hub id and answer with the hub's naming rules."""
+    as_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    if as_path and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(
+            f"no such directory: {name}\nWhat to do: pass --model (or EMBEDDER_MODEL) a directory "
+            "written by CLIPModel.save_pretrained, or a hub id such as "
+            "openai/clip-vit-base-patch32")
+
+
 def public_name(name: str) -> str:
     """The name a checkpoint is shown under: a hub id as given, a local
     directory by its base name, so that no local path leaves the process."""
@@ -84,6 +95,7 @@ class ClipEncoder:
         self.device, self.dtype = resolve_device(device, dtype)
         self.batch_size = batch_size
         started = time.perf_counter()
+        _check_local(name)
         try:
             model = CLIPModel.from_pretrained(name, dtype=torch.float32)
             self.tokenizer = AutoTokenizer.from_pretrained(name)

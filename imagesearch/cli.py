@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 from collections import Counter
 from pathlib import Path
@@ -40,6 +41,22 @@ def find_images(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def collect(targets: list[str]) -> tuple[list[Path], int]:
+    """The image files named by `targets` (files, or folders walked
+    recursively), in order; and how many other files were skipped."""
+    paths, skipped = [], 0
+    for target in map(Path, targets):
+        if target.is_dir():
+            found = find_images(target)
+            skipped += sum(1 for p in target.rglob("*") if p.is_file()) - len(found)
+            paths += found
+        elif target.is_file():
+            paths.append(target)  # named on purpose: sent whatever its suffix
+        else:
+            raise FileNotFoundError(f"no such file or folder: {target}")
+    return paths, skipped
+
+
 def _items(paths: list[Path], max_bytes: int, unsent: list[tuple[str, str]]) -> Iterator[IngestItem]:
     """Read lazily: the stream holds a few images in memory, never the folder.
     A file that cannot be sent is recorded in `unsent` and skipped alone."""
@@ -57,39 +74,77 @@ def _items(paths: list[Path], max_bytes: int, unsent: list[tuple[str, str]]) -> 
 
 
 def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
-    root = Path(args.dir)
-    if not root.is_dir():
-        print(f"error: {root} is not a directory", file=sys.stderr)
-        return 2
-    paths = find_images(root)
+    paths, skipped = collect(args.paths)
     if not paths:
-        print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}", file=sys.stderr)
+        print(f"error: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in "
+              f"{', '.join(args.paths)}", file=sys.stderr)
         return 2
     counts: Counter = Counter()
     unsent: list[tuple[str, str]] = []  # (uri, why) of files never sent
     failures: list[tuple[str, str]] = []  # (uri, why) of items the server refused
     items = _items(paths, client.max_message_bytes - 64 * 1024, unsent)  # room for uri, metadata
-    with tqdm(total=len(paths), unit="img", desc="ingest", disable=args.quiet) as bar:
-        for result in client.ingest(items, collection=args.collection):
-            counts[result.status] += 1
-            if result.status == IngestResult.STATUS_FAILED:
-                failures.append((result.uri, result.error))
-            bar.update(sum(counts.values()) + len(unsent) - bar.n)
+    inserted, present = IngestResult.STATUS_INSERTED, IngestResult.STATUS_ALREADY_PRESENT
+    try:
+        with tqdm(total=len(paths), unit="img", desc="ingest", disable=args.quiet) as bar:
+            for result in client.ingest(items, collection=args.collection):
+                counts[result.status] += 1
+                if result.status == IngestResult.STATUS_FAILED:
+                    failures.append((result.uri, result.error))
+                if args.json:
+                    print(json.dumps({"index": result.index, "id": result.id, "uri": result.uri,
+                                      "status": IngestResult.Status.Name(result.status)
+                                      .removeprefix("STATUS_").lower(), "error": result.error}))
+                bar.update(sum(counts.values()) + len(unsent) - bar.n)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
+        left = len(paths) - sum(counts.values()) - len(unsent)
+        print(f"stopped: {counts[inserted]} inserted, {counts[present]} already present, "
+              f"{len(failures) + len(unsent)} failed, {left} not stored; run the same command "
+              "again to resume (what is stored is found again, not duplicated)", file=sys.stderr)
+        return 130
     failures = unsent + failures
-    print(f"{len(paths)} images: {counts[IngestResult.STATUS_INSERTED]} inserted, "
-          f"{counts[IngestResult.STATUS_ALREADY_PRESENT]} already present, {len(failures)} failed")
+    others = f"; {skipped} other files skipped (not {'/'.join(sorted(IMAGE_SUFFIXES))})" \
+        if skipped else ""
+    print(f"{len(paths)} images: {counts[inserted]} inserted, {counts[present]} already present, "
+          f"{len(failures)} failed{others}", file=sys.stderr if args.json else sys.stdout)
     for uri, why in failures:
-        print(f"  failed: {printable(uri)}: {printable(why)}")
+        print(f"  failed: {printable(uri)}: {printable(why)}", file=sys.stderr if args.json else sys.stdout)
     return 1 if failures else 0
 
 
-def _print_hits(hits: list[Hit], as_json: bool) -> None:
+def _print_hits(hits: list[Hit], first_rank: int, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([{"id": h.id, "score": h.score, "uri": h.uri, "metadata": h.metadata}
-                          for h in hits], indent=2))
+        print(json.dumps([{"rank": rank, "id": h.id, "score": h.score, "uri": h.uri,
+                           "metadata": h.metadata} for rank, h in enumerate(hits, first_rank)],
+                         indent=2))
         return
-    for rank, hit in enumerate(hits, 1):
-        print(f"{rank:3d}  {hit.score:.4f}  {hit.id[:12]}  {printable(hit.uri)}")
+    labels = [printable(h.metadata.get("label", "")) for h in hits]
+    width = max(map(len, labels), default=0)
+    for rank, (hit, label) in enumerate(zip(hits, labels), first_rank):
+        print(f"{rank:4d}  {hit.score:+.4f}  {hit.id}  {label:<{width}}  {printable(hit.uri)}")
+
+
+def _why_empty(client: SearchClient, args: argparse.Namespace, options: dict, search) -> str:
+    """Why a search found nothing, as far as the caller can tell."""
+    count = client.stats(args.collection).count
+    name = args.collection or "the default collection"
+    if count == 0:
+        return f"no hits: {name} is empty: ingest images first (imgsearch ingest FOLDER)"
+    if args.offset >= count:
+        return f"no hits: --offset {args.offset} is past the {count} images of {name}"
+    if options["where"] or options["uri_prefix"]:
+        return f"no hits: none of the {count} images of {name} matches the filter"
+    best = search(1, {**options, "min_score": None, "offset": 0})
+    return (f"no hits: the best score is {best[0].score:.4f}, below --min-score "
+            f"{args.min_score}" if best else f"no hits among the {count} images of {name}")
+
+
+def _local_prefix(prefix: str) -> str:
+    """A relative path resolved as ingest stores paths (absolute); a URL or
+    an absolute path as given. A trailing slash is kept: it matters."""
+    if not prefix or "://" in prefix or prefix.startswith("/"):
+        return prefix
+    return str(Path(prefix).resolve()) + ("/" if prefix.endswith("/") else "")
 
 
 def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
@@ -103,16 +158,27 @@ def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
             print(f"error: --filter {pair!r} is not KEY=VALUE", file=sys.stderr)
             return 2
         where.setdefault(key, []).append(value)
-    options = dict(where=where, uri_prefix=args.uri_prefix, offset=args.offset,
+    options = dict(where=where, uri_prefix=_local_prefix(args.uri_prefix), offset=args.offset,
                    min_score=args.min_score)
-    if args.image is not None:
-        hits = client.search_image(Path(args.image).read_bytes(), args.k, args.collection, **options)
-    else:
-        hits = client.search_text(args.query, args.k, args.collection, **options)
-    _print_hits(hits, args.json)
-    if args.grid and hits:
-        out = write_grid([h.uri for h in hits], args.grid)
-        print(f"grid of {len(hits)} thumbnails written to {out}", file=sys.stderr)
+    image = Path(args.image).read_bytes() if args.image is not None else None
+
+    def search(k: int, opts: dict):
+        if image is not None:
+            return client.search_image(image, k, args.collection, **opts)
+        return client.search_text(args.query, k, args.collection, **opts)
+
+    hits = search(args.k, options)
+    _print_hits(hits, args.offset + 1, args.json)
+    if not hits:
+        print(_why_empty(client, args, options, search), file=sys.stderr)
+    if args.grid:
+        if not hits:
+            print(f"no grid written to {args.grid}: there are no hits", file=sys.stderr)
+        else:
+            labels = None if args.no_labels else [
+                f"#{rank} {hit.score:.3f}" for rank, hit in enumerate(hits, args.offset + 1)]
+            out = write_grid([h.uri for h in hits], args.grid, labels)
+            print(f"grid of {len(hits)} thumbnails written to {out}", file=sys.stderr)
     return 0
 
 
@@ -147,31 +213,47 @@ def cmd_health(client: SearchClient, args: argparse.Namespace) -> int:
     return 0 if state == "SERVING" else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default=os.environ.get("IMGSEARCH_SERVER", DEFAULT_SEARCH_SERVER),
-                        help="search service HOST:PORT (env IMGSEARCH_SERVER; default %(default)s)")
-    parser.add_argument("--collection", default="",
+def _global_flags(parser: argparse.ArgumentParser, after_command: bool) -> None:
+    """The flags every command takes. They go before or after the command;
+    given after it (`after_command`), they default to what was given before."""
+    def default(value):
+        return argparse.SUPPRESS if after_command else value
+    parser.add_argument("--server", default=default(os.environ.get("IMGSEARCH_SERVER",
+                                                                   DEFAULT_SEARCH_SERVER)),
+                        help="search service HOST:PORT (env IMGSEARCH_SERVER; default "
+                             f"{DEFAULT_SEARCH_SERVER})")
+    parser.add_argument("--collection", default=default(""),
                         help="collection to use (default: the server's default)")
-    parser.add_argument("--timeout", type=float, default=60.0,
-                        help="seconds to wait for a search, delete or stats call (default %(default)s)")
-    parser.add_argument("--tls-ca", default=os.environ.get("IMGSEARCH_TLS_CA", ""), metavar="PEM",
-                        help="connect with TLS, trusting this CA (env IMGSEARCH_TLS_CA)")
-    parser.add_argument("--tls-cert", default=os.environ.get("IMGSEARCH_TLS_CERT", ""), metavar="PEM",
-                        help="client certificate for mutual TLS (env IMGSEARCH_TLS_CERT)")
-    parser.add_argument("--tls-key", default=os.environ.get("IMGSEARCH_TLS_KEY", ""), metavar="PEM",
-                        help="its private key (env IMGSEARCH_TLS_KEY)")
-    parser.add_argument("--token-file", default="", metavar="PATH",
+    parser.add_argument("--timeout", type=float, default=default(60.0),
+                        help="seconds to wait for a search, delete or stats call (default 60)")
+    parser.add_argument("--tls-ca", default=default(os.environ.get("IMGSEARCH_TLS_CA", "")),
+                        metavar="PEM", help="connect with TLS, trusting this CA (env IMGSEARCH_TLS_CA)")
+    parser.add_argument("--tls-cert", default=default(os.environ.get("IMGSEARCH_TLS_CERT", "")),
+                        metavar="PEM", help="client certificate for mutual TLS (env IMGSEARCH_TLS_CERT)")
+    parser.add_argument("--tls-key", default=default(os.environ.get("IMGSEARCH_TLS_KEY", "")),
+                        metavar="PEM", help="its private key (env IMGSEARCH_TLS_KEY)")
+    parser.add_argument("--token-file", default=default(""), metavar="PATH",
                         help="file holding the token the server requires; or set IMGSEARCH_TOKEN "
                              "(never on the command line)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__.splitlines()[0])
+    _global_flags(parser, after_command=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_flags(common, after_command=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", help="add every image under a folder, recursively")
-    ingest.add_argument("dir", help="folder to walk")
+    ingest = sub.add_parser("ingest", parents=[common],
+                            help="add image files, and every image under folders, recursively")
+    ingest.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders to walk")
     ingest.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ingest.add_argument("--json", action="store_true",
+                        help="print one JSON object per image: index, id, uri, status, error")
     ingest.set_defaults(run=cmd_ingest)
 
-    search = sub.add_parser("search", help="nearest images to a text, or to an image with --image")
+    search = sub.add_parser("search", parents=[common],
+                            help="nearest images to a text, or to an image with --image")
     search.add_argument("query", nargs="?", help='text to search for, e.g. "a white dog"')
     search.add_argument("--image", help="search by this image file instead of a text")
     search.add_argument("-k", type=int, default=10, help="number of hits (default %(default)s)")
@@ -180,30 +262,55 @@ def build_parser() -> argparse.ArgumentParser:
                              "accept any of several values, repeat keys to require all "
                              "(ingest sets label=FOLDER NAME)")
     search.add_argument("--uri-prefix", default="", metavar="PREFIX",
-                        help="only images whose uri (ingest: absolute path) starts with PREFIX")
+                        help="only images whose uri starts with PREFIX; a relative path is made "
+                             "absolute, as ingest stores paths")
     search.add_argument("--offset", type=int, default=0,
                         help="skip this many hits first, for paging (default %(default)s)")
     search.add_argument("--min-score", type=float, metavar="S",
                         help="drop hits with a cosine score below S, in [-1, 1]")
     search.add_argument("--json", action="store_true",
-                        help="print a JSON array of {id, score, uri, metadata}, best first")
+                        help="print a JSON array of {rank, id, score, uri, metadata}, best first")
     search.add_argument("--grid", metavar="PNG",
                         help="also write the hits as a grid of 150x150 thumbnails, 5 per row")
+    search.add_argument("--no-labels", action="store_true",
+                        help="grid tiles without their rank and score (the tutorial's plain grid)")
     search.set_defaults(run=cmd_search)
 
-    stats = sub.add_parser("stats", help="image count, dimension and model of a collection")
+    stats = sub.add_parser("stats", parents=[common],
+                           help="image count, dimension and model of a collection")
     stats.set_defaults(run=cmd_stats)
 
-    delete = sub.add_parser("delete", help="remove images by id")
-    delete.add_argument("ids", nargs="+", metavar="ID", help="image ids, as ingest and search print")
+    delete = sub.add_parser("delete", parents=[common], help="remove images by id")
+    delete.add_argument("ids", nargs="+", metavar="ID",
+                        help="full image ids, as `search` and `ingest --json` print them")
     delete.set_defaults(run=cmd_delete)
 
-    health = sub.add_parser("health", help="print a server's grpc.health.v1 status; exit 0 if SERVING")
+    health = sub.add_parser("health", parents=[common],
+                            help="print a server's grpc.health.v1 status; exit 0 if SERVING")
     health.add_argument("address", nargs="?", help="HOST:PORT of any of our servers (default --server)")
     health.add_argument("--wait", type=float, default=0, metavar="S",
                         help="wait up to S seconds for SERVING")
     health.set_defaults(run=cmd_health)
     return parser
+
+
+def _hint(code: grpc.StatusCode, details: str, server: str) -> str:
+    """Who failed, and the one next step to try."""
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("embedder at"):
+        return (f"the search service at {server} works, but its embedder does not answer: start "
+                "the embedder, or check the search service's --embedder")
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("Milvus at"):
+        return (f"the search service at {server} works, but Milvus does not answer: start Milvus, "
+                "or check the search service's --milvus-uri")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return (f"no search service answers at {server}: start one, or pass --server HOST:PORT "
+                "(and --tls-ca if it serves TLS)")
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return (f"the server at {server} is not a search service (the embedder's port?): the "
+                f"search service listens on {DEFAULT_SEARCH_SERVER.rsplit(':', 1)[1]} by default")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "set IMGSEARCH_TOKEN or pass --token-file"
+    return ""
 
 
 def _session_file(server: str) -> Path:
@@ -247,16 +354,17 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _save_token(session, client.consistency_token)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {printable(exc.details() or '')}", file=sys.stderr)
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            print(f"is the search service running at {args.server}? (--server HOST:PORT; "
-                  "--tls-ca if it serves TLS)", file=sys.stderr)
-        elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-            print("set IMGSEARCH_TOKEN or pass --token-file", file=sys.stderr)
+        details = exc.details() or ""
+        print(f"error: {exc.code().name}: {printable(details)}", file=sys.stderr)
+        hint = _hint(exc.code(), details, args.server)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # e.g. an unreadable file, token or certificate
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # ingest prints its own summary; elsewhere nothing was changed
+        return 130
 
 
 if __name__ == "__main__":

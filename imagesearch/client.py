@@ -145,10 +145,14 @@ class SearchClient(_Client):
                timeout_s: float | None = None) -> Iterator[search_pb2.IngestResult]:
         """Stream items in; yield one result per item as the server stores them.
         `timeout_s` bounds the whole stream (default: none)."""
-        for response in self._stub.Ingest(self._messages(items, collection), timeout=timeout_s,
-                                          metadata=self._metadata):
-            self._seen(response.consistency_token)
-            yield from response.results
+        call = self._stub.Ingest(self._messages(items, collection), timeout=timeout_s,
+                                 metadata=self._metadata)
+        try:
+            for response in call:
+                self._seen(response.consistency_token)
+                yield from response.results
+        finally:  # the caller stopped early (Ctrl-C, break): end the stream now
+            call.cancel()
 
     def _hits(self, response) -> Hits:
         hits = Hits(Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))

@@ -23,14 +23,25 @@ def _thumbnail(uri: str) -> Image.Image:
         return placeholder
 
 
-def write_grid(uris: Sequence[str], out: str | Path) -> Path:
-    """Write the grid of `uris` (local image paths) to `out`; return its path."""
+def _label(tile: Image.Image, text: str) -> None:
+    """`text` in white on a dark band across the tile's top."""
+    draw = ImageDraw.Draw(tile)
+    draw.rectangle((0, 0, THUMB, 14), fill=(0, 0, 0))
+    draw.text((3, 2), text, fill=(255, 255, 255))
+
+
+def write_grid(uris: Sequence[str], out: str | Path, labels: Sequence[str] | None = None) -> Path:
+    """Write the grid of `uris` (local image paths) to `out`, each tile with
+    its label (e.g. rank and score) when `labels` are given; return its path."""
     if not uris:
         raise ValueError("no images to put in a grid")
     rows = math.ceil(len(uris) / COLUMNS)
     grid = Image.new("RGB", (THUMB * COLUMNS, THUMB * rows), (255, 255, 255))
     for i, uri in enumerate(uris):
-        grid.paste(_thumbnail(uri), ((i % COLUMNS) * THUMB, (i // COLUMNS) * THUMB))
+        tile = _thumbnail(uri)
+        if labels:
+            _label(tile, labels[i])
+        grid.paste(tile, ((i % COLUMNS) * THUMB, (i // COLUMNS) * THUMB))
     out = Path(out)
     grid.save(out)
     return out

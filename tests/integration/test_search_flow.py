@@ -33,7 +33,8 @@ def test_text_search_precision_at_10(search_service, ingested):
         hits = json.loads(run.stdout)
         assert len(hits) == 10
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
-        assert all(set(h) == {"id", "score", "uri", "metadata"} for h in hits)
+        assert all(set(h) == {"rank", "id", "score", "uri", "metadata"} for h in hits)
+        assert [h["rank"] for h in hits] == list(range(1, 11))
         precisions[label] = sum(h["metadata"]["label"] == label for h in hits) / 10
     mean = sum(precisions.values()) / len(precisions)
     assert mean >= 0.9, precisions
@@ -65,7 +66,7 @@ def test_search_cli_by_image_and_grid(search_service, eval_images, ingested, tmp
     query = find_images(eval_images)[0]
     grid = tmp_path / "grid.png"
     run = imgsearch(search_service.address, "search", "--image", str(query), "-k", "10",
-                    "--grid", str(grid))
+                    "--grid", str(grid), "--no-labels")  # the tutorial's plain grid
     assert run.returncode == 0, run.stderr
     assert str(query.resolve()) in run.stdout.splitlines()[0]
     with Image.open(grid) as picture:

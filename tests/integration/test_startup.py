@@ -19,12 +19,22 @@ from tests.services import (ROOT, TEST_MODEL, eventually, free_port, photo, star
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", str(tmp_path / "nothing")],
+    (tmp_path / "empty").mkdir()  # a directory, but no checkpoint in it
+    run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2
     assert "cannot load CLIP checkpoint" in run.stderr and "What to do" in run.stderr
     assert "listening" not in run.stderr  # never serves some other model instead
+
+
+def test_a_mistyped_model_directory_says_no_such_directory(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", "./no/such/dir"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 2
+    assert "no such directory: ./no/such/dir" in run.stderr
+    assert "Repo id" not in run.stderr
 
 
 def test_gpu_decoding_without_a_gpu_is_a_start_up_error():
