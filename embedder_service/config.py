@@ -40,7 +40,7 @@ def build_parser() -> EnvArgumentParser:
                help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.env_flag("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                help="weights dtype: auto is float16 on CUDA and float32 on CPU")
-    p.server_flags(port=50051, metrics_port=9101)
+    p.server_flags(port=50051)
     p.env_flag("--max-batch-items", default=512, type=positive_int,
                help="most texts or images accepted in one request (more: INVALID_ARGUMENT)")
     p.env_flag("--batch-size", default=64, type=positive_int,

@@ -90,12 +90,14 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.add_argument(flag, default=default, type=type, help=f"{help} [env: {env}]", **kwargs)
 
 
-    def server_flags(self, port: int, metrics_port: int) -> None:
+    def server_flags(self, port: int) -> None:
         """The flags every gRPC server of ours has."""
         self.env_flag("--host", default="0.0.0.0", help="address to listen on")
         self.env_flag("--port", default=port, type=int, help="port to listen on")
-        self.env_flag("--metrics-port", default=metrics_port, type=int,
-                      help="Prometheus metrics on http://HOST:PORT/metrics; 0 turns them off")
+        self.env_flag("--metrics-port", default=0, type=int,
+                      help="Prometheus metrics on http://HOST:PORT/metrics; 0 (the default) "
+                           "turns them off, so two local instances never clash. The container "
+                           "images and manifests set 9101 (embedder) and 9102 (search)")
         self.env_flag("--reflection", default=True, type=boolean,
                       help="gRPC server reflection, so grpcurl and other generic tools can list "
                            "and call the services (true or false)")

@@ -45,7 +45,7 @@ def build_parser() -> EnvArgumentParser:
                     "the embedder service; rows live in Milvus (an embedded Milvus Lite file "
                     "by default, or a server with --milvus-uri). A Milvus token is read from "
                     "SEARCH_MILVUS_TOKEN only.")
-    p.server_flags(port=50052, metrics_port=9102)
+    p.server_flags(port=50052)
     p.env_flag("--embedder", default="localhost:50051", help="embedder service address HOST:PORT")
     p.env_flag("--embedder-timeout-s", default=30.0, type=positive_float,
                help="longest wait for one embedder call; a shorter caller deadline wins")

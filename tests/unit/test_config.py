@@ -57,3 +57,12 @@ def test_environment_value_outside_the_choices_is_refused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         embedder_config([])
     assert "EMBEDDER_DTYPE='fp16' is invalid: choose from auto, float32" in capsys.readouterr().err
+
+
+def test_metrics_are_off_unless_asked_for(monkeypatch):
+    """Two local instances never clash on a metrics port; deployments set one."""
+    monkeypatch.delenv("EMBEDDER_METRICS_PORT", raising=False)
+    monkeypatch.delenv("SEARCH_METRICS_PORT", raising=False)
+    assert embedder_config([]).metrics_port == search_config([]).metrics_port == 0
+    monkeypatch.setenv("SEARCH_METRICS_PORT", "9102")
+    assert search_config([]).metrics_port == 9102
