@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +72,30 @@ def _check_local(name: str) -> None:
             "openai/clip-vit-base-patch32")
 
 
+def _check_hub(name: str, timeout_s: float = 3.0) -> bool:
+    """For a hub id: True when the checkpoint is in the local cache (it then
+    loads from there, with no network call, so a restart never changes the
+    weights). When it is not, make sure the hub answers at all, or fail in
+    seconds with one message instead of a minute of download retries."""
+    if os.path.isdir(os.path.expanduser(name)):
+        return False
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return True
+    if constants.HF_HUB_OFFLINE:
+        return False  # transformers says what is missing from the cache
+    host = urllib.parse.urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{name} is not in the Hugging Face cache and {constants.ENDPOINT} cannot be reached "
+            f"to download it ({exc.strerror or exc})\nWhat to do: on a machine without the hub, "
+            "fill the cache first (HF_HOME) and set HF_HUB_OFFLINE=1, or pass --model a local "
+            "directory written by save_pretrained") from exc
+    return False
+
+
 def public_name(name: str) -> str:
     """The name a checkpoint is shown under: a hub id as given, a local
     directory by its base name, so that no local path leaves the process."""
@@ -96,10 +122,11 @@ class ClipEncoder:
         self.batch_size = batch_size
         started = time.perf_counter()
         _check_local(name)
+        cached = _check_hub(name)
         try:
-            model = CLIPModel.from_pretrained(name, dtype=torch.float32)
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.preprocessor = Preprocessor.from_pretrained(name)
+            model = CLIPModel.from_pretrained(name, dtype=torch.float32, local_files_only=cached)
+            self.tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=cached)
+            self.preprocessor = Preprocessor.from_pretrained(name, local_files_only=cached)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(
                 f"cannot load CLIP checkpoint {name!r}: {exc}\n"

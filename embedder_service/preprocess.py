@@ -388,9 +388,11 @@ class Preprocessor:
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike) -> "Preprocessor":
+    def from_pretrained(cls, path_or_name: str | os.PathLike,
+                        local_files_only: bool = False) -> "Preprocessor":
         """From a checkpoint directory, a `preprocessor_config.json` path, or
-        (only then importing transformers) a hub id resolved by transformers."""
+        (only then importing transformers) a hub id resolved by transformers
+        (from the cache alone with `local_files_only`)."""
         path = os.fspath(path_or_name)
         if os.path.isdir(path):
             path = os.path.join(path, "preprocessor_config.json")
@@ -405,7 +407,8 @@ class Preprocessor:
         # Not a local path: let transformers find it (hub id / HF cache).
         from transformers import AutoImageProcessor  # noqa: PLC0415 - lazy on purpose
 
-        return cls.from_processor(AutoImageProcessor.from_pretrained(path))
+        return cls.from_processor(AutoImageProcessor.from_pretrained(
+            path, local_files_only=local_files_only))
 
     @classmethod
     def from_processor(cls, processor: Any) -> "Preprocessor":

@@ -171,3 +171,19 @@ def test_certificate_expiry_is_checked_at_start(tmp_path, days, exits):
             assert "expires in 5.0 days: renew it" in embedder.log()
     finally:
         embedder.stop()
+
+
+def test_no_network_and_no_offline_flag_fails_fast_with_one_message(tmp_path):
+    """A hub id that is not in the cache, on a machine without a network
+    (here a network namespace of its own, with no interface up: nothing
+    leaves the machine) and without HF_HUB_OFFLINE: one clear message in
+    seconds, not a minute of retry warnings."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    started = time.monotonic()
+    run = subprocess.run(["unshare", "--net", sys.executable, "-m", "embedder_service",
+                          "--model", "some-org/clip-not-cached"], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env={**env, "HF_HOME": str(tmp_path / "hf")})
+    assert run.returncode == 2, run.stderr
+    assert time.monotonic() - started < 15
+    assert "some-org/clip-not-cached is not in the Hugging Face cache" in run.stderr
+    assert "HF_HUB_OFFLINE=1" in run.stderr and "Retrying" not in run.stderr
