@@ -48,8 +48,11 @@ class Batcher(Generic[T]):
     """`run(payloads)` returns the vectors of all payloads, concatenated in order."""
 
     def __init__(self, name: str, run: Callable[[Sequence[T]], np.ndarray], executor: Executor, *,
-                 max_batch: int, max_wait_s: float, max_queue: int) -> None:
+                 max_batch: int, max_wait_s: float, max_queue: int,
+                 on_batch: Callable[[bool, str], None] = lambda ok, why: None) -> None:
+        """`on_batch(ok, why)` hears how each forward pass ended."""
         self.name = name
+        self._on_batch = on_batch
         self._run = run
         self._executor = executor
         self.max_batch = max_batch
@@ -152,10 +155,12 @@ class Batcher(Generic[T]):
                                                      [r.payload for r in live])
             except Exception as exc:  # the model failed: every request of the batch learns why
                 log.exception("%s batch of %d requests failed", self.name, len(live))
+                self._on_batch(False, f"{type(exc).__name__}: {exc}")
                 for request in live:
                     if not request.future.done():
                         request.future.set_exception(exc)
                 continue
+            self._on_batch(True, "")
             self.batches += 1
             self._batch_sizes.observe(sum(r.count for r in live))
             start = 0

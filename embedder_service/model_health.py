@@ -3,9 +3,9 @@
 A replica whose every forward pass fails (a GPU gone bad, out of memory for
 good) must leave the load balancer's rotation, or it keeps taking its share
 of the calls and failing them. It goes NOT_SERVING after `threshold`
-encodes in a row have failed with no success between them; while it is
-down it probes the model every `interval_s`, and the first success (a probe
-or a real call) makes it SERVING again.
+forward passes of one kind (text or image) in a row have failed with no
+success of that kind between them; while it is down it probes both every
+`interval_s`, and a probe that works makes it SERVING again.
 """
 from __future__ import annotations
 
@@ -22,23 +22,26 @@ class ModelHealth:
         self._probe = probe
         self._threshold = threshold
         self._interval_s = interval_s
-        self._failures = 0
+        self._failures: dict[str, int] = {}  # kind -> forward passes failed in a row
         self._changed = asyncio.Event()
 
     @property
     def ok(self) -> bool:
-        return self._failures < self._threshold
+        return all(count < self._threshold for count in self._failures.values())
 
-    def record(self, ok: bool, why: str = "") -> None:
-        """One encode's outcome."""
+    def record(self, kind: str, ok: bool, why: str = "") -> None:
+        """How one forward pass of `kind` ended."""
         was = self.ok
-        self._failures = 0 if ok else self._failures + 1
+        self._failures[kind] = 0 if ok else self._failures.get(kind, 0) + 1
+        self._changed_from(was, f"{kind} passes failed {self._failures[kind]} times in a row "
+                                f"(last: {why})")
+
+    def _changed_from(self, was: bool, why: str) -> None:
         if was != self.ok:
             if self.ok:
                 log.info("model works again: ready")
             else:
-                log.error("model failed %d times in a row (last: %s): not ready until it "
-                          "works again", self._failures, why)
+                log.error("model broken: %s: not ready until it works again", why)
             self._changed.set()
 
     async def watch(self) -> AsyncIterator[bool]:
@@ -53,7 +56,8 @@ class ModelHealth:
                 except asyncio.TimeoutError:
                     try:
                         await self._probe()
-                        self.record(True)
+                        was, self._failures = self.ok, {}
+                        self._changed_from(was, "")
                     except Exception as exc:  # noqa: BLE001 - still broken; probe again later
                         log.debug("model probe failed: %s", exc)
             self._changed.clear()

@@ -89,10 +89,13 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         self._image_thread = ThreadPoolExecutor(1, thread_name_prefix="model-image")
         limits = dict(max_batch=config.batch_size, max_wait_s=config.batch_wait_ms / 1000,
                       max_queue=config.max_queue)
+        self.health = ModelHealth(self._probe)
         self.texts = Batcher("text", lambda payloads: encoder.encode_texts(
-            [text for texts in payloads for text in texts]), self._text_thread, **limits)
+            [text for texts in payloads for text in texts]), self._text_thread, **limits,
+            on_batch=lambda ok, why: self.health.record("text", ok, why))
         self.images = Batcher("image", lambda payloads: encoder.encode_images(
-            [part for parts in payloads for part in parts]), self._image_thread, **limits)
+            [part for parts in payloads for part in parts]), self._image_thread, **limits,
+            on_batch=lambda ok, why: self.health.record("image", ok, why))
         self._decoding = 0  # image items admitted and being decoded
         self._decoding_cost = 0  # their decode cost, in baseline-JPEG pixels
         DECODING.set_function(lambda: self._decoding)
@@ -113,7 +116,6 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             limits=embedder_pb2.Limits(max_batch_items=config.max_batch_items,
                                        max_request_bytes=config.max_message_mb << 20,
                                        max_image_pixels=config.max_image_pixels))
-        self.health = ModelHealth(self._probe)
 
     def _device_decoder(self, choice: str) -> DeviceJpegDecoder | None:
         """The GPU JPEG decoder, or None for `cpu`. `gpu` that cannot work
@@ -158,13 +160,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         except Expired as exc:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
         except Exception as exc:  # noqa: BLE001 - the model failed (e.g. out of memory)
-            self.health.record(False, f"{type(exc).__name__}: {exc}")
             await context.abort(grpc.StatusCode.INTERNAL,
                                 f"encoding failed: {type(exc).__name__}: {exc}")
         finally:
             for task in tasks:  # one chunk failed: the others need not run
                 task.cancel()
-        self.health.record(True)
         return vectors
 
     def _embeddings(self, vectors: np.ndarray, errors: dict[int, str] | None = None):
@@ -216,6 +216,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         finally:
             self._decoding -= len(images)
             self._decoding_cost -= sum(costs)
+        if deadline is not None and time.time() > deadline:  # images were skipped, not bad
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while decoding")
         if errors and not request.allow_partial:
             bad = sorted(errors.items())
             await _bad_request(context, _bad_items_message("images", bad),

@@ -26,8 +26,9 @@ _FORMAT = ">BQ"
 _LOGICAL_BITS = 18
 # A token whose time is further ahead of this machine's clock than this came
 # from somewhere else (another Milvus, or was made up): a read would wait for
-# a time Milvus never reaches.
-_MAX_AHEAD_MS = 10_000
+# a time Milvus never reaches. Generous, so that clocks a little apart never
+# refuse a real token; a read waiting for less is bounded by the Milvus timeout.
+_MAX_AHEAD_MS = 60_000
 
 
 def encode(timestamp: int) -> bytes:

@@ -140,18 +140,30 @@ class EmbedderClient:
                                                 f"within {self._timeout_s:g} s") from exc
                 raise self._error(exc) from exc
 
-    async def _encode(self, method: str, request, expect: ModelIdentity | None, context):
-        """A response from the `expect`ed model (any model when None), and that model."""
+    async def _encode(self, method: str, request, count: int, expect: ModelIdentity | None,
+                      context):
+        """A response with `count` vectors from the `expect`ed model (any model
+        when None), and that model."""
         for _ in range(_MODEL_ATTEMPTS):
             response = await self._call(method, request, context)
             model = _identity(response.model)
             if expect is None or expect.same(model):
+                self._check_shape(response, count, model)
                 return response, model
             log.warning("embedder at %s answered with model %s, not %s: trying another replica",
                         self._target, model, expect)
         raise ModelMismatch(f"the embedder at {self._target} serves model {model}, but this "
                             f"collection holds vectors of model {expect}: run embedders with the "
                             "collection's model, or use another collection")
+
+    def _check_shape(self, response, count: int, model: ModelIdentity) -> None:
+        """One embedding per item, each of the model's dimension: anything else
+        is never written (an INTERNAL error, not a vector)."""
+        sizes = {len(item.vector) for item in response.embeddings if not item.error}
+        if len(response.embeddings) != count or sizes - {4 * model.dim}:
+            raise ServiceError(f"embedder at {self._target} answered {len(response.embeddings)} "
+                               f"embeddings of {sorted(sizes)} bytes for {count} items of a "
+                               f"{model.dim}-d model")
 
     async def model_info(self, context: grpc.aio.ServicerContext | None = None) -> ModelIdentity:
         """One embedder's model; learns its limits too."""
@@ -173,7 +185,7 @@ class EmbedderClient:
                           context: grpc.aio.ServicerContext) -> np.ndarray:
         try:
             response, _ = await self._encode("EncodeText", embedder_pb2.EncodeTextRequest(texts=[text]),
-                                             expect, context)
+                                             1, expect, context)
         except _TooLarge as exc:
             raise ServiceError(f"embedder at {self._target} refused a one-text request: {exc}") from exc
         return np.frombuffer(response.embeddings[0].vector, dtype="<f4")
@@ -220,7 +232,8 @@ class EmbedderClient:
         async def send(index: list[int]) -> ModelIdentity:
             request = embedder_pb2.EncodeImageRequest(images=[images[i] for i in index],
                                                       allow_partial=True)
-            response, model = await self._encode("EncodeImage", request, expect, context)
+            response, model = await self._encode("EncodeImage", request, len(index), expect,
+                                                 context)
             for i, vector in zip(index, _vectors(response)):
                 results[i] = vector
             return model

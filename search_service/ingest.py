@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -27,10 +28,24 @@ from search_service.errors import (CollectionNotFound, DeadlineExceeded, Invalid
                                    ModelMismatch, ServiceError)
 from search_service.store import MilvusStore, ModelIdentity, Row
 
+log = logging.getLogger(__name__)
 Result = search_pb2.IngestResult
 INGESTED = Counter("search_images_ingested_total",
                    "Ingest results, by status (inserted, already_present, failed)", ["status"])
 _END = object()  # end of the request stream
+
+
+def _why(exc: BaseException) -> str:
+    """Why the ids of a batch that ended with `exc` were not stored, for streams waiting on them."""
+    return str(exc) if isinstance(exc, ServiceError) else "the ingest stream storing it ended"
+
+
+def _as_service_error(exc: Exception) -> ServiceError:
+    """`exc` as the status the caller gets: a bug (not a ServiceError) is INTERNAL, and logged."""
+    if isinstance(exc, ServiceError):
+        return exc
+    log.error("ingest failed", exc_info=exc)
+    return ServiceError(f"ingest failed: {type(exc).__name__}: {exc}")
 
 
 def image_id(data: bytes) -> str:
@@ -213,19 +228,24 @@ class IngestPipeline:
                 if not items:
                     continue
                 batch = await self._prepare(items)
-                if writing is not None:  # shielded: a write runs to its end (see finally)
-                    await asyncio.shield(writing)
+                try:
+                    if writing is not None:  # shielded: a write runs to its end (see finally)
+                        await asyncio.shield(writing)
+                except BaseException as exc:  # batch will never be written: free its ids
+                    self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, _why(exc)))
+                    raise
                 writing = asyncio.create_task(self._store_batch(batch, out))
             if writing is not None:
                 await asyncio.shield(writing)
             out.put_nowait(_END)
-        except ServiceError as exc:
+        except Exception as exc:  # noqa: BLE001 - the caller must get a status, whatever it is
+            error = _as_service_error(exc)
             if writing is not None:  # what the write in flight stored is acknowledged first
                 try:
                     await asyncio.shield(writing)
-                except ServiceError as write_error:  # unless it failed too: report that
-                    exc = write_error
-            out.put_nowait(exc)
+                except Exception as write_error:  # noqa: BLE001 - unless it failed too: report that
+                    error = _as_service_error(write_error)
+            out.put_nowait(error)
         finally:
             if writing is not None and not writing.done():
                 # The caller left: how the write ends is nobody's concern, but
@@ -287,8 +307,7 @@ class IngestPipeline:
                 results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
                                              status=Result.STATUS_ALREADY_PRESENT)
         except BaseException as exc:  # nothing of it will be written: waiters must not hang
-            why = str(exc) if isinstance(exc, ServiceError) else "its ingest stream ended"
-            self._in_flight.settle(self._collection, dict.fromkeys(claimed, why))
+            self._in_flight.settle(self._collection, dict.fromkeys(claimed, _why(exc)))
             raise
         return _Batch(items, rows, results, claims, follow)
 
@@ -306,8 +325,7 @@ class IngestPipeline:
         try:
             await self._milvus(self._store.write, self._collection, batch.rows)
         except BaseException as exc:
-            why = str(exc) if isinstance(exc, ServiceError) else "its ingest stream ended"
-            self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, why))
+            self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, _why(exc)))
             raise
         self._in_flight.settle(self._collection, batch.claims)
         for item, id_, write in batch.follow:  # a copy's fate is its first copy's

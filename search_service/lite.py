@@ -11,9 +11,20 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def _answers(path: Path) -> bool:
+    """Whether a process listens on the Unix socket `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
 
 
 class PrivateLite:
@@ -26,13 +37,17 @@ class PrivateLite:
         folder = path.parent / ".milvus-lite"
         folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)  # also when it existed with other modes
-        socket = folder / "milvus.sock"
+        name = folder / "milvus.sock"
         # Milvus Lite binds f"{host}:{port}": as a Unix address the ":0" ends
-        # up in the file name. A socket left by a killed process is replaced.
-        bound = Path(f"{socket}:0")
+        # up in the file name. A socket left by a killed process is replaced;
+        # one that answers belongs to a live process, which owns the file.
+        bound = Path(f"{name}:0")
+        if _answers(bound):
+            raise RuntimeError(f"{path} is served by another running process (its socket "
+                               f"{bound} answers): one search service per Milvus Lite file")
         bound.unlink(missing_ok=True)
         self._server, self._db, _ = start_server_in_thread(data_dir=str(path),
-                                                           host=f"unix:{socket}", port=0)
+                                                           host=f"unix:{name}", port=0)
         self.uri = f"unix:{bound}"
         self._stopped = False
         atexit.register(self.stop)  # a process that never calls stop still closes the file

@@ -170,9 +170,9 @@ class MilvusStore:
     def _call(self, action: str, method: str, *args, handler: bool = False, **kwargs):
         """`handler`: call pymilvus's connection handler rather than MilvusClient."""
         client = self.connect()
-        target = client._get_connection() if handler else client
         started, outcome = time.perf_counter(), "error"
         try:
+            target = client._get_connection() if handler else client
             result = getattr(target, method)(*args, timeout=self._timeout_s, **kwargs)
             outcome = "ok"
             return result
@@ -184,8 +184,9 @@ class MilvusStore:
     def open(self, name: str) -> ModelIdentity:
         """The model `name` was built with, once it is loaded; CollectionNotFound
         when it does not exist."""
-        if name in self._loaded:
-            return self._loaded[name]
+        # .get, not `in` then [...]: a failing call on another thread may clear the cache between.
+        if (known := self._loaded.get(name)) is not None:
+            return known
         with self._open_lock:  # one caller at a time loads (or, in create, creates) it
             return self._open(name)
 
@@ -193,8 +194,8 @@ class MilvusStore:
         """Open `name`, creating it for `model` first if it does not exist. The
         model it was built with, which differs from `model` when another
         process created it first for another model: the caller checks."""
-        if name in self._loaded:
-            return self._loaded[name]
+        if (known := self._loaded.get(name)) is not None:
+            return known
         with self._open_lock:
             if not self._call("list collections", "has_collection", name):
                 try:
@@ -205,12 +206,13 @@ class MilvusStore:
             return self._open(name)
 
     def _open(self, name: str) -> ModelIdentity:
-        if name not in self._loaded:
-            built = self.describe(name)
-            # An existing collection starts out released after a Milvus restart.
-            self._call(f"load collection {name!r}", "load_collection", name)
-            self._loaded[name] = built
-        return self._loaded[name]
+        if (known := self._loaded.get(name)) is not None:
+            return known
+        built = self.describe(name)
+        # An existing collection starts out released after a Milvus restart.
+        self._call(f"load collection {name!r}", "load_collection", name)
+        self._loaded[name] = built
+        return built
 
     def _create(self, name: str, model: ModelIdentity) -> None:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)

@@ -102,15 +102,33 @@ def status_of(call, *args) -> grpc.RpcError:
     return info.value
 
 
-class SearchLoad:
+class Load:
+    """Threads that run `targets`, each looping until `_stop` is set, from
+    `with` until its end."""
+
+    def __init__(self, *targets: Callable[[], None]) -> None:
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=target) for target in targets]
+
+    def __enter__(self):
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+class SearchLoad(Load):
     """Threads that search back to back, from `with` until its end. Each
     outcome is kept as (start time, status name, seconds, details)."""
 
     def __init__(self, address: str, threads: int = 2, collection: str = "") -> None:
+        super().__init__(*[self._run] * threads)
         self.outcomes: list[tuple[float, str, float, str]] = []
         self._address, self._collection = address, collection
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
 
     def _run(self) -> None:
         from imagesearch.client import SearchClient
@@ -123,16 +141,6 @@ class SearchLoad:
                     code, details = exc.code().name, exc.details()
                 self.outcomes.append((started, code, time.monotonic() - started, details))
                 time.sleep(0.05)
-
-    def __enter__(self) -> "SearchLoad":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 def scrape(service: "Service") -> dict[str, float]:

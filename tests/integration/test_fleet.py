@@ -15,8 +15,8 @@ from pymilvus import MilvusClient
 
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
-from tests.services import (ROOT, TEST_MODEL, eventually, free_port, photo, start_embedder,
-                            start_search, status_of)
+from tests.services import (ROOT, TEST_MODEL, Load, eventually, free_port, photo,
+                            start_embedder, start_search, status_of)
 
 FAULTS = ROOT / "tests" / "fixtures" / "faults"
 QUERY = "a photo of a red circle"
@@ -61,15 +61,14 @@ def _assert_made_by(stored: dict[str, np.ndarray], images: dict[str, bytes], emb
     assert cosines.min() >= 0.999, dict(zip(stored, cosines.round(3)))
 
 
-class _Load:
+class _Load(Load):
     """Threads that ingest fresh images and search, until stopped; each
     outcome is kept as (kind, status name, details)."""
 
     def __init__(self, address: str, collection: str, images: dict[str, bytes]) -> None:
+        super().__init__(self._ingest, self._search)
         self.outcomes: list[tuple[str, str, str]] = []
         self._address, self._collection, self._images = address, collection, images
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._ingest), threading.Thread(target=self._search)]
 
     def _record(self, kind: str, call) -> None:
         try:
@@ -93,16 +92,6 @@ class _Load:
             while not self._stop.is_set():
                 self._record("search", lambda: client.search_text(QUERY, 3, self._collection))
                 self._stop.wait(0.05)  # paces the load; not a synchronisation
-
-    def __enter__(self) -> "_Load":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 def test_two_models_behind_one_address_never_mix(tmp_path, milvus_server, other_model):

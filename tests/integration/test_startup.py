@@ -187,3 +187,20 @@ def test_no_network_and_no_offline_flag_fails_fast_with_one_message(tmp_path):
     assert time.monotonic() - started < 15
     assert "some-org/clip-not-cached is not in the Hugging Face cache" in run.stderr
     assert "HF_HUB_OFFLINE=1" in run.stderr and "Retrying" not in run.stderr
+
+
+def test_a_second_service_on_the_same_lite_file_leaves_the_first_alone(tmp_path, embedder_service):
+    """Milvus Lite has one owner: a second search service on the same data
+    directory stops (exit 2) and the first one's socket keeps working."""
+    first = start_search(tmp_path, embedder_service.address).wait_ready(service=DEPENDENCIES)
+    try:
+        second = start_search(tmp_path, embedder_service.address)
+        assert second.process.wait(60) == 2
+        assert "served by another running process" in second.log()
+        assert (tmp_path / "data" / ".milvus-lite" / "milvus.sock:0").exists()  # not unlinked
+        with SearchClient(first.address) as client:
+            [result] = client.ingest([IngestItem(photo(3), "after")])
+            assert result.status == IngestResult.STATUS_INSERTED
+            assert client.stats().count == 1
+    finally:
+        assert first.stop() == 0

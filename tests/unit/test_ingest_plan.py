@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+
+import pytest
 
 from search_service.ingest import InFlight, Item, plan
 
@@ -35,3 +38,53 @@ def test_a_claim_is_seen_as_busy_until_settled_and_waiters_learn_the_outcome():
         assert registry.busy("c", ["A", "B"]) == {}
         return await claims["A"], await busy["B"]
     assert asyncio.run(run()) == ("", "undecodable")
+
+
+def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
+    """Batch 1's write fails while batch 2 (already embedded, its ids
+    claimed) waits for it: the stream ends with the write's error, and no id
+    stays claimed, or another stream sending the same image would wait on it
+    for ever. Milvus and the embedder are stand-ins here: a write failing at
+    exactly that moment cannot be timed on a real Milvus."""
+    import numpy as np
+
+    from imagesearch.v1 import search_pb2
+    from search_service.errors import DependencyUnavailable
+    from search_service.ingest import IngestPipeline, IngestSettings, image_id
+    from search_service.store import ModelIdentity
+
+    model = ModelIdentity("m", "f", 4)
+
+    class Store:
+        def open(self, name):
+            return model
+
+        def existing_ids(self, name, ids):
+            return set()
+
+        def write(self, name, rows):
+            time.sleep(0.2)  # batch 2 is embedded and claimed meanwhile
+            raise DependencyUnavailable("Milvus is down")
+
+        def timestamp(self):
+            return 0
+
+    class Embedder:
+        async def encode_images(self, images, expect, context):
+            return [np.ones(4, np.float32)] * len(images), model
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        registry = InFlight()
+        pipeline = IngestPipeline("c", Store(), lambda fn, *a: loop.run_in_executor(None, fn, *a),
+                                  Embedder(), registry, IngestSettings(1, 1 << 20, 60), None)
+        messages = [search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=b"a")]),
+                    search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=b"b")])]
+
+        async def rest():
+            yield messages[1]
+        with pytest.raises(DependencyUnavailable):
+            async for _ in pipeline.run(messages[0], rest()):
+                pass
+        return registry.busy("c", [image_id(b"a"), image_id(b"b")])
+    assert asyncio.run(run()) == {}

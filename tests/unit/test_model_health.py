@@ -17,12 +17,13 @@ def test_failures_in_a_row_take_it_down_and_a_working_probe_brings_it_back():
         health = ModelHealth(probe, threshold=3, interval_s=0.01)
         states = health.watch()
         assert await anext(states) is True
-        health.record(False, "x")
-        health.record(True)  # a success between failures resets the count
+        health.record("image", False, "x")
+        health.record("image", True)  # a success between failures resets the count
         for _ in range(2):
-            health.record(False, "x")
+            health.record("image", False, "x")
+        health.record("text", True)  # texts working says nothing of images
         assert health.ok
-        health.record(False, "x")
+        health.record("image", False, "x")
         assert await anext(states) is False
         assert await anext(states) is False  # the probe failed
         broken = False
