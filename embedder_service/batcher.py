@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 BATCH_SIZE = Histogram("embedder_batch_size", "Items per forward pass, by batcher (text, image)",
                        ["batcher"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
 QUEUE_ITEMS = Gauge("embedder_queue_items", "Items waiting for the model, by batcher", ["batcher"])
+_SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+QUEUE_WAIT = Histogram("embedder_queue_wait_seconds",
+                       "Time a request waited for its forward pass, by batcher", ["batcher"],
+                       buckets=_SECONDS)
+COMPUTE = Histogram("embedder_compute_seconds", "Time of one forward pass, by batcher",
+                    ["batcher"], buckets=_SECONDS)
 
 T = TypeVar("T")
 
@@ -42,6 +48,7 @@ class _Request(Generic[T]):
     count: int
     deadline: float | None  # loop time
     future: asyncio.Future = field(repr=False)
+    queued: float = 0.0  # loop time it was queued
 
 
 class Batcher(Generic[T]):
@@ -66,6 +73,7 @@ class Batcher(Generic[T]):
         self.items = 0
         QUEUE_ITEMS.labels(name).set_function(lambda: self._queued_items)
         self._batch_sizes = BATCH_SIZE.labels(name)
+        self._queue_wait, self._compute = QUEUE_WAIT.labels(name), COMPUTE.labels(name)
 
     @property
     def queued_items(self) -> int:
@@ -86,7 +94,7 @@ class Batcher(Generic[T]):
             self._worker = asyncio.create_task(self._work(), name=f"batcher-{self.name}")
             self._worker.add_done_callback(self._worker_ended)
         request = _Request(payload, count, None if timeout_s is None else loop.time() + timeout_s,
-                           loop.create_future())
+                           loop.create_future(), loop.time())
         self._queue.append(request)
         self._queued_items += count
         self._arrived.set()
@@ -150,6 +158,9 @@ class Batcher(Generic[T]):
                 live.append(request)
             if not live:
                 continue
+            for request in live:
+                self._queue_wait.observe(now - request.queued)
+            started = loop.time()
             try:
                 vectors = await loop.run_in_executor(self._executor, self._run,
                                                      [r.payload for r in live])
@@ -160,6 +171,7 @@ class Batcher(Generic[T]):
                     if not request.future.done():
                         request.future.set_exception(exc)
                 continue
+            self._compute.observe(loop.time() - started)
             self._on_batch(True, "")
             self.batches += 1
             self._batch_sizes.observe(sum(r.count for r in live))

@@ -5,7 +5,9 @@ Every RPC passes through `RpcInterceptor`, which
   context variable for the logs and for calls to other services, and sends
   it back as trailing metadata;
 - counts the call and times it, by method and status code, for Prometheus
-  (`grpc_server_handled_total`, `grpc_server_handling_seconds`);
+  (`grpc_server_handled_total`, `grpc_server_handling_seconds`), except
+  health checks: probes every few seconds, and Watch streams that last for
+  hours, would drown the API's own figures;
 - logs calls that end in a server-side error status (and, at debug level,
   every call);
 - parses the request itself, after authentication (security.py hands it a
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import contextvars
 import inspect
 import json
@@ -25,7 +28,7 @@ import time
 import uuid
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, Info, start_http_server
 
 from imagesearch import tracing
 from imagesearch.flags import exit_startup
@@ -41,6 +44,8 @@ HANDLED = Counter("grpc_server_handled_total", "RPCs completed, by method and st
 HANDLING = Histogram("grpc_server_handling_seconds", "RPC latency, by method and status code",
                      ["grpc_service", "grpc_method", "grpc_code"],
                      buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+BUILD = Info("imagesearch_build", "What runs: the imagesearch version and which server")
+_HEALTH = "grpc.health.v1.Health"
 # Statuses that point at the server or a dependency, not at the caller's request.
 _SERVER_SIDE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.DATA_LOSS, grpc.StatusCode.UNIMPLEMENTED}
@@ -90,8 +95,9 @@ class _Call:
         tracing.finish(self.span, code.name)
         self._span.close()
         seconds = time.perf_counter() - self.started
-        HANDLED.labels(self.service, self.method, code.name).inc()
-        HANDLING.labels(self.service, self.method, code.name).observe(seconds)
+        if self.service != _HEALTH:
+            HANDLED.labels(self.service, self.method, code.name).inc()
+            HANDLING.labels(self.service, self.method, code.name).observe(seconds)
         if code in _SERVER_SIDE:
             log.warning("%s %s after %.1f ms: %s", self.method, code.name, 1000 * seconds,
                         context.details() or exc or "")
@@ -192,8 +198,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                                                        handler.request_streaming), raw=True)
 
 
-def start_metrics(port: int, host: str) -> None:
+def start_metrics(port: int, host: str, server: str) -> None:
     """Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: off)."""
+    try:
+        version = importlib.metadata.version("imagesearch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        version = "unknown"
+    BUILD.info({"version": version, "server": server})
     if port:
         try:
             start_http_server(port, addr=host)

@@ -58,7 +58,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     With `tokens`, every call but health checks needs one of them
     (TokenAuthInterceptor); with `config.tls_cert`, the port serves TLS only.
     """
-    start_metrics(config.metrics_port, config.host)
+    start_metrics(config.metrics_port, config.host, name)
     server = grpc.aio.server(
         interceptors=[RpcInterceptor(), *([TokenAuthInterceptor(tokens)] if tokens else [])],
         options=channel_options(config.max_message_mb << 20) + [

@@ -23,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Histogram
 
 from imagesearch import tracing
 from imagesearch.observability import outgoing_metadata
@@ -38,6 +40,10 @@ from search_service.errors import (DeadlineExceeded, DependencyUnavailable, Mode
 from search_service.store import ModelIdentity
 
 log = logging.getLogger(__name__)
+CALLS = Histogram("search_embedder_call_seconds",
+                  "The search service's calls to the embedder, by method and status code",
+                  ["method", "code"],
+                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 
 _SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["EmbedderService"].full_name
 _MARGIN_S = 0.02  # left to the caller's side to write its answer
@@ -128,17 +134,21 @@ class EmbedderClient:
 
     async def _call(self, method: str, request, context: grpc.aio.ServicerContext | None):
         timeout = self._timeout(context)
+        started, code = time.perf_counter(), "OK"
         with tracing.client_span(f"{_SERVICE}/{method}"):
             try:
                 return await getattr(self._stub, method)(request, timeout=timeout,
                                                          metadata=outgoing_metadata())
             except grpc.aio.AioRpcError as exc:
+                code = exc.code().name
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout == self._timeout_s:
                     # Our own limit ran out, not the caller's deadline: the
                     # embedder is too slow or unreachable, and a retry may help.
                     raise DependencyUnavailable(f"embedder at {self._target} did not answer "
                                                 f"within {self._timeout_s:g} s") from exc
                 raise self._error(exc) from exc
+            finally:
+                CALLS.labels(method, code).observe(time.perf_counter() - started)
 
     async def _encode(self, method: str, request, count: int, expect: ModelIdentity | None,
                       context):

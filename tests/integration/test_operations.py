@@ -100,12 +100,20 @@ def test_metrics_after_known_traffic(embedder_service, tmp_path):
         assert metric(samples, "search_images_ingested_total", status="failed") == 1
         assert metric(samples, "search_milvus_call_seconds_count", operation="search", outcome="ok") == 3
         assert metric(samples, "search_milvus_call_seconds_count", operation="upsert", outcome="ok") >= 1
+        assert metric(samples, "search_embedder_call_seconds_count", method="EncodeText",
+                      code="OK") == 3
+        assert metric(samples, "search_embedder_call_seconds_count", method="EncodeImage",
+                      code="OK") >= 1
+        assert metric(samples, "grpc_server_handled_total", grpc_service="grpc.health.v1.Health") == 0
+        assert metric(samples, "imagesearch_build_info", server="search") == 1
 
         samples = scrape(embedder_service)
         assert metric(samples, "embedder_model_load_seconds") > 0
         assert metric(samples, "embedder_batch_size_count", batcher="text") >= 3
         assert metric(samples, "embedder_batch_size_sum", batcher="image") >= 5  # the bad one never reaches the model
         assert 'embedder_queue_items{batcher="image"}' in samples
+        assert metric(samples, "embedder_queue_wait_seconds_count", batcher="text") >= 3
+        assert metric(samples, "embedder_compute_seconds_count", batcher="image") >= 1
         assert metric(samples, "grpc_server_handled_total", grpc_method="EncodeText", grpc_code="OK") >= 3
     finally:
         assert search.stop() == 0
