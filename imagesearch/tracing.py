@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Iterator
 
+from imagesearch.flags import exit_startup
+
 log = logging.getLogger(__name__)
 
 _tracer = None  # set by setup() when tracing is on

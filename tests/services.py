@@ -1,6 +1,7 @@
 """Start the services as real processes on free loopback ports, for tests."""
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -32,7 +33,24 @@ def eventually(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, f"not true after {timeout_s} s: {predicate}"
-        time.sleep(interval_s)
+        time.sleep(interval_s)  # the poll interval: there is no event to wait on
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Let other tasks run until `predicate()` holds: for state inside one
+    event loop that announces itself by no event (a queue's length)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, f"not true after {timeout_s} s: {predicate}"
+        await asyncio.sleep(0)  # a turn of the loop, not a timed wait
+
+
+async def turns(count: int = 20) -> None:
+    """Give every other task `count` turns of the loop: for tests that a
+    blocked task stays blocked (nothing announces that something did not happen)."""
+    for _ in range(count):
+        await asyncio.sleep(0)
 
 
 def free_port() -> int:
@@ -130,6 +148,11 @@ class SearchLoad(Load):
         self.outcomes: list[tuple[float, str, float, str]] = []
         self._address, self._collection = address, collection
 
+    def count(self, code: str, since: float = 0.0, until: float = float("inf")) -> int:
+        """Calls that started in (since, until) and ended with `code`."""
+        return sum(1 for when, got, _, _ in list(self.outcomes)
+                   if got == code and since < when < until)
+
     def _run(self) -> None:
         from imagesearch.client import SearchClient
         with SearchClient(self._address, timeout_s=30) as client:
@@ -140,7 +163,7 @@ class SearchLoad(Load):
                 except grpc.RpcError as exc:
                     code, details = exc.code().name, exc.details()
                 self.outcomes.append((started, code, time.monotonic() - started, details))
-                time.sleep(0.05)
+                self._stop.wait(0.05)  # paces the load; not a synchronisation
 
 
 def scrape(service: "Service") -> dict[str, float]:
@@ -210,7 +233,7 @@ class MilvusServer:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
-        while self._binaries():
+        while self._binaries():  # the binary is a grandchild: no wait() for it, so poll
             time.sleep(0.1)
 
     def restart(self) -> "MilvusServer":
@@ -241,7 +264,7 @@ class MilvusServer:
                 client.list_collections()
                 client.close()
                 return self
-            except MilvusException:
+            except MilvusException:  # readiness shows only in answers: poll
                 time.sleep(1)
         self.stop()
         raise RuntimeError(f"Milvus server at {self.uri} not ready after {timeout_s} s; log tail:\n"
@@ -267,7 +290,7 @@ class MilvusServer:
             for pid in self._binaries():
                 os.kill(pid, sig)
             deadline = time.monotonic() + 30
-            while self._binaries() and time.monotonic() < deadline:
+            while self._binaries() and time.monotonic() < deadline:  # grandchildren: poll
                 time.sleep(0.5)
         try:
             self.process.wait(30)

@@ -14,7 +14,7 @@ import pytest
 
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
-from tests.services import SearchLoad, photo, start_search, status_of
+from tests.services import SearchLoad, eventually, photo, start_search, status_of
 
 MILVUS_TIMEOUT_S = 10  # the default --milvus-timeout-s
 DOWN_BUDGET_S = 3.0  # "fail fast" while Milvus is down: well under that timeout
@@ -47,7 +47,7 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
             assert len(acked) == 40
 
             with SearchLoad(service.address, collection="kill_milvus") as load:
-                time.sleep(1)
+                eventually(lambda: load.count("OK") >= 3, 30)
                 milvus_server.kill()
                 calls = {
                     "SearchByText": lambda: client.search_text("a red circle", collection="kill_milvus"),
@@ -77,11 +77,11 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
                     except grpc.RpcError as exc:
                         seen.add((exc.code(), re.sub(r"\d+", "N", exc.details())[:200]))
                         assert time.monotonic() < deadline, seen
-                        time.sleep(0.5)
+                        time.sleep(0.5)  # recovery is announced nowhere but in answers: poll
                 assert {code for code, _ in seen} <= {grpc.StatusCode.UNAVAILABLE}, seen
                 assert stats.count == 40 and {h.id for h in hits} == set(acked)
                 recovered = time.monotonic()
-                time.sleep(1)
+                eventually(lambda: load.count("OK", since=recovered) >= 3, 30)
             # Under load the whole time: every failure was UNAVAILABLE; fast while
             # Milvus was down; while it recovered (up, not ready) bounded by the
             # Milvus timeout of three calls (a search may wait for another

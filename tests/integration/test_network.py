@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.services import SearchLoad, start_embedder, start_search
+from tests.services import SearchLoad, eventually, start_embedder, start_search
 
 TIMEOUT_S = 2.0  # the search service's --embedder-timeout-s here
 
@@ -44,13 +44,15 @@ def test_network_cut_and_restored(netns, tmp_path):
     search = start_search(tmp_path, embedder.address, "--embedder-timeout-s", str(TIMEOUT_S)).wait_ready()
     try:
         with SearchLoad(search.address) as load:
-            time.sleep(1)
+            eventually(lambda: load.count("OK") >= 5, 30)
             ip("link", "set", host_if, "down")
             cut = time.monotonic()
-            time.sleep(6)
+            # Cut long enough for calls started in it to run into the timeout.
+            eventually(lambda: load.count("UNAVAILABLE", since=cut + 0.1,
+                                          until=time.monotonic() - TIMEOUT_S) >= 2, 60)
             ip("link", "set", host_if, "up")
             restored = time.monotonic()
-            time.sleep(8)
+            eventually(lambda: load.count("OK", since=restored + 5) >= 3, 60)
     finally:
         assert search.stop() == 0
         embedder.stop()

@@ -24,8 +24,9 @@ from PIL import Image
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
-from tests.services import (ROOT, SearchLoad, metric, photo, scrape, start_embedder, start_search,
-                            status_of)
+from imagesearch.health import status
+from tests.services import (ROOT, SearchLoad, eventually, metric, photo, scrape, start_embedder,
+                            start_search, status_of)
 
 PHOTOS = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]
 
@@ -88,7 +89,8 @@ def test_sigterm_mid_ingest_loses_no_acknowledged_item(embedder_service, images,
                     acked.add(result.id)
                 if len(acked) >= 32 and not hold.is_set():
                     search.process.send_signal(signal.SIGTERM)
-                    time.sleep(0.5)  # shutting down: new calls refused, this one goes on
+                    # shutting down: new calls refused, this one goes on
+                    eventually(lambda: status(search.address) != "SERVING", 10)
                     with SearchClient(search.address, timeout_s=5) as other:
                         with pytest.raises(grpc.RpcError):
                             other.stats()
@@ -114,17 +116,15 @@ def test_embedder_killed_under_search_load(tmp_path):
     search = start_search(tmp_path, embedder.address).wait_ready()
     try:
         with SearchLoad(search.address, threads=4) as load:
-            time.sleep(1)
+            eventually(lambda: load.count("OK") >= 5, 30)
             embedder.process.send_signal(signal.SIGKILL)
             embedder.process.wait()
             killed = time.monotonic()
-            time.sleep(2)
-            # The new process serves calls before it reports ready (while it
-            # warms up): the outage ends when it starts, not when it is ready.
+            eventually(lambda: load.count("UNAVAILABLE", since=killed + 0.2) >= 8, 30)
             restarting = time.monotonic()
             embedder = start_embedder(tmp_path, port=embedder.port).wait_ready()
             back = time.monotonic()
-            time.sleep(2)
+            eventually(lambda: load.count("OK", since=back + 1.5) >= 5, 30)
     finally:
         search.stop()
         embedder.stop()
@@ -153,11 +153,13 @@ def test_caller_deadline_reaches_the_embedder_and_costs_no_model_time(tmp_path):
                 with pytest.raises(grpc.RpcError) as info:
                     hasty.search_text("a photo of a blue square")
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(1)  # the embedder's worker gets to the expired request
+            expired = dict(grpc_method="EncodeText", grpc_code="DEADLINE_EXCEEDED")
+            # the embedder's worker gets to the expired request and answers it
+            eventually(lambda: metric(scrape(embedder), "grpc_server_handled_total", **expired)
+                       > metric(before, "grpc_server_handled_total", **expired), 10)
             after = scrape(embedder)
     finally:
         assert search.stop() == 0 and embedder.stop() == 0
-    expired = dict(grpc_method="EncodeText", grpc_code="DEADLINE_EXCEEDED")
     assert metric(after, "grpc_server_handled_total", **expired) - \
         metric(before, "grpc_server_handled_total", **expired) == 1
     assert metric(after, "embedder_batch_size_count", batcher="text") == \

@@ -70,10 +70,7 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
             assert result.status == IngestResult.STATUS_INSERTED
             assert client.stats().model.name == "other/clip"
         # Reported at start-up too (retried if Milvus Lite was slow to load it).
-        deadline = time.monotonic() + 30
-        while "holds" not in service.log() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert "holds" in service.log()
+        eventually(lambda: "holds" in service.log(), 30)
     finally:
         assert service.stop() == 0
 

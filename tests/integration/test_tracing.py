@@ -4,7 +4,6 @@ OTLP/gRPC to a real collector endpoint that this test serves itself."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -12,7 +11,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from imagesearch.client import SearchClient
-from tests.services import start_embedder, start_search
+from tests.services import eventually, start_embedder, start_search
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -49,17 +48,14 @@ def test_one_trace_from_search_into_the_embedder(collector, tmp_path):
     try:
         with SearchClient(search.address) as client:
             client.search_text("a photo of a red circle", top_k=1)
-        deadline = time.monotonic() + 10
-        while True:
-            named = {(service, span.name): span for service, span in spans.spans}
-            wanted = [("imagesearch-search", "imagesearch.v1.ImageSearchService/SearchByText"),
-                      ("imagesearch-search", "imagesearch.v1.EmbedderService/EncodeText"),
-                      ("imagesearch-embedder", "imagesearch.v1.EmbedderService/EncodeText")]
-            if all(key in named for key in wanted):
-                break
-            assert time.monotonic() < deadline, sorted(named)
-            time.sleep(0.1)
-        server, client_call, remote = (named[key] for key in wanted)
+        wanted = [("imagesearch-search", "imagesearch.v1.ImageSearchService/SearchByText"),
+                  ("imagesearch-search", "imagesearch.v1.EmbedderService/EncodeText"),
+                  ("imagesearch-embedder", "imagesearch.v1.EmbedderService/EncodeText")]
+
+        def named() -> dict:
+            return {(service, span.name): span for service, span in list(spans.spans)}
+        eventually(lambda: all(key in named() for key in wanted), 10)  # spans arrive in batches
+        server, client_call, remote = (named()[key] for key in wanted)
         assert server.trace_id == client_call.trace_id == remote.trace_id
         assert client_call.parent_span_id == server.span_id
         assert remote.parent_span_id == client_call.span_id  # continued from the metadata

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from embedder_service.batcher import Batcher, Expired, QueueFull
+from tests.services import until
 
 
 class EchoModel:
@@ -20,8 +21,10 @@ class EchoModel:
         self.batches: list[list[int]] = []
         self.delay_s = delay_s
         self.gate = gate
+        self.entered = threading.Event()  # a batch has reached the model
 
     def __call__(self, payloads):
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         flat = [x for payload in payloads for x in payload]
@@ -83,9 +86,9 @@ def test_queue_full_is_refused_at_once():
     async def main():
         batcher = make(model, max_batch=1, max_wait_s=0, max_queue=3)
         first = asyncio.create_task(batcher.submit([1], 1, None))  # taken by the worker, blocked
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered.is_set())
         queued = [asyncio.create_task(batcher.submit([i], 1, None)) for i in (2, 3, 4)]
-        await asyncio.sleep(0.01)
+        await until(lambda: batcher.queued_items == 3)
         with pytest.raises(QueueFull, match="limit 3"):
             await batcher.submit([5], 1, None)
         gate.set()
@@ -101,11 +104,12 @@ def test_expired_and_cancelled_requests_cost_no_model_time():
     async def main():
         batcher = make(model, max_batch=1, max_wait_s=0)
         busy = asyncio.create_task(batcher.submit([1], 1, None))
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered.is_set())
         expiring = asyncio.create_task(batcher.submit([2], 1, timeout_s=0.01))
         cancelled = asyncio.create_task(batcher.submit([3], 1, None))
         kept = asyncio.create_task(batcher.submit([4], 1, None))
-        await asyncio.sleep(0.05)
+        await until(lambda: batcher.queued_items == 3)
+        await asyncio.sleep(0.05)  # the 10 ms deadline passes: time itself is under test
         cancelled.cancel()
         gate.set()
         with pytest.raises(Expired):
@@ -139,12 +143,11 @@ def test_a_cancelled_caller_frees_its_queue_place_at_once():
     async def main():
         batcher = make(model, max_batch=1, max_wait_s=0, max_queue=2)
         busy = asyncio.create_task(batcher.submit([1], 1, None))  # taken by the worker, blocked
-        await asyncio.sleep(0.05)
+        await until(lambda: model.entered.is_set())
         waiting = asyncio.create_task(batcher.submit([2, 3], 2, None))
-        await asyncio.sleep(0.01)
-        assert batcher.queued_items == 2
+        await until(lambda: batcher.queued_items == 2)
         waiting.cancel()
-        await asyncio.sleep(0.01)
+        await until(lambda: waiting.done())
         assert batcher.queued_items == 0
         again = asyncio.create_task(batcher.submit([4, 5], 2, None))  # fits again
         gate.set()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import pytest
 
@@ -54,6 +54,7 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
     from search_service.store import ModelIdentity
 
     model = ModelIdentity("m", "f", 4)
+    second_embedded = threading.Event()
 
     class Store:
         def open(self, name):
@@ -63,7 +64,7 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
             return set()
 
         def write(self, name, rows):
-            time.sleep(0.2)  # batch 2 is embedded and claimed meanwhile
+            second_embedded.wait(5)  # batch 2 is embedded, its ids claimed, meanwhile
             raise DependencyUnavailable("Milvus is down")
 
         def timestamp(self):
@@ -71,6 +72,8 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
 
     class Embedder:
         async def encode_images(self, images, expect, context):
+            if images == [b"b"]:
+                second_embedded.set()
             return [np.ones(4, np.float32)] * len(images), model
 
     async def run():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from search_service.ingest import _ReadAhead
+from tests.services import turns
 
 
 def test_bytes_bound_the_read_ahead_and_one_big_item_still_fits():
@@ -11,7 +12,7 @@ def test_bytes_bound_the_read_ahead_and_one_big_item_still_fits():
         queue = _ReadAhead(max_items=100, max_bytes=10)
         await queue.put("a", 6)
         blocked = asyncio.create_task(queue.put("b", 6))  # 12 > 10: waits
-        await asyncio.sleep(0.01)
+        await turns()
         assert not blocked.done()
         assert await queue.get() == "a"
         await asyncio.wait_for(blocked, 1)  # room again
@@ -28,7 +29,7 @@ def test_item_count_bounds_the_read_ahead():
         await queue.put(1)
         await queue.put(2)
         third = asyncio.create_task(queue.put(3))
-        await asyncio.sleep(0.01)
+        await turns()
         assert not third.done()
         assert await queue.get() == 1
         await asyncio.wait_for(third, 1)
