@@ -101,7 +101,7 @@ def test_errors_name_who_failed_and_what_to_do(search_service, embedder_service,
 
 
 def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(search_service, tmp_path):
-    folder = _folder(tmp_path, "ctrlc", range(1200, 1440), labels=("a", "b", "c"))
+    folder = _folder(tmp_path, "ctrlc", range(1200, 1800), labels=("a", "b", "c"))
     command = [sys.executable, "-m", "imagesearch.cli", "--server", search_service.address,
                "--collection", "cli_ctrlc", "ingest", str(folder), "-q", "--json"]
     ingest = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -114,9 +114,9 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(search_service, tmp_p
     assert re.search(r"stopped: \d+ inserted, \d+ already present, 0 failed, \d+ not stored; "
                      r"run the same command again to resume", err), err
     run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    summary = re.search(r"240 images: (\d+) inserted, (\d+) already present, 0 failed", run.stderr)
+    summary = re.search(r"600 images: (\d+) inserted, (\d+) already present, 0 failed", run.stderr)
     assert summary and int(summary[2]) > 0, run.stderr
-    assert int(summary[1]) + int(summary[2]) == 240
+    assert int(summary[1]) + int(summary[2]) == 600
 
 
 def test_output_ranks_labels_files_and_grid_labels(search_service, tmp_path):
