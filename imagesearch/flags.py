@@ -19,6 +19,7 @@ class ServerConfig:
     """The settings `server_flags` defines, shared by both services' configs."""
     host: str
     port: int
+    health_port: int
     metrics_port: int
     reflection: bool
     max_message_mb: int
@@ -94,6 +95,11 @@ class EnvArgumentParser(argparse.ArgumentParser):
         """The flags every gRPC server of ours has."""
         self.env_flag("--host", default="0.0.0.0", help="address to listen on")
         self.env_flag("--port", default=port, type=int, help="port to listen on")
+        self.env_flag("--health-port", default=0, type=int,
+                      help="also serve grpc.health.v1, and nothing else, in plaintext on this "
+                           "port, for probes that cannot speak TLS (Kubernetes gRPC probes). "
+                           "Keep it off the Service: it answers anyone who reaches it. 0 (the "
+                           "default) turns it off")
         self.env_flag("--metrics-port", default=0, type=int,
                       help="Prometheus metrics on http://HOST:PORT/metrics; 0 (the default) "
                            "turns them off, so two local instances never clash. The container "

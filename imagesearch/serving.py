@@ -8,6 +8,9 @@
   "dependencies" follows `dependencies` if given (what the process needs
   from elsewhere: reported, never a reason to leave the load balancer,
   or one failing dependency would empty every replica at once);
+- with `--health-port`, the same health statuses on a second, plaintext
+  server that has nothing else: probes that cannot speak TLS (Kubernetes'
+  gRPC probes) reach it while the service port is TLS-only;
 - server reflection, unless switched off;
 - the RpcInterceptor (request ids, per-RPC metrics) and a Prometheus
   endpoint on its own port;
@@ -99,6 +102,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     if port == 0:
         exit_startup(f"{name}: cannot listen on {config.address} (port in use or bad address): "
                      "pick another --port")
+    health_server = await _start_health_only(config, name, health)
     await server.start()
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
@@ -126,7 +130,25 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     log.info("%s shutting down: finishing in-flight calls for up to %.1f s", name, config.grace_s)
     await health.enter_graceful_shutdown()
     await server.stop(config.grace_s)
+    if health_server is not None:
+        await health_server.stop(None)
     log.info("%s stopped", name)
+
+
+async def _start_health_only(config: ServerConfig, name: str,
+                             health: health_async.HealthServicer) -> grpc.aio.Server | None:
+    """The plaintext health-only server of `--health-port`, sharing `health`,
+    so both ports always answer the same; None when the flag is 0."""
+    if not config.health_port:
+        return None
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+        exit_startup(f"{name}: cannot listen on {config.host}:{config.health_port} (port in use "
+                     "or bad address): pick another --health-port")
+    await server.start()
+    log.info("%s health checks in plaintext on %s:%d", name, config.host, config.health_port)
+    return server
 
 
 async def _follow(watch: Callable[[], AsyncIterator[bool]],

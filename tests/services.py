@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Callable
 import grpc
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from imagesearch.health import wait_serving
@@ -53,6 +55,28 @@ async def turns(count: int = 20) -> None:
         await asyncio.sleep(0)
 
 
+@functools.cache
+def rendered_overlay(overlay: str) -> tuple[dict, ...]:
+    """deploy/k8s/overlays/OVERLAY as `kubectl kustomize` renders it for `apply`."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is not installed: it renders the kustomize overlays (apt: kubectl)"
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy" / "k8s" / "overlays" / overlay)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def container_env(objects: tuple[dict, ...], container: dict) -> dict[str, str]:
+    """The environment a container gets: its ConfigMaps (envFrom), then `env` values."""
+    maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+    env = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(maps[source["configMapRef"]["name"]])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,13 +93,15 @@ class Service:
         self.port = port or free_port()
         self.address = f"{host}:{self.port}"
         self.metrics_port = free_port()
+        self.health_port = free_port()  # plaintext health only, as the manifests' probes use
         self.metrics_url = f"http://{host}:{self.metrics_port}/metrics"
         self.log_path = log_path
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [*(prefix or []), sys.executable, "-m", module, "--host", host, "--port", str(self.port),
-                 "--metrics-port", str(self.metrics_port), *args],
+                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
+                 *args],
                 cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 120, service: str = "",

@@ -14,8 +14,8 @@ from imagesearch.client import EmbedderClient, SearchClient, Security
 from imagesearch.health import status
 from imagesearch.serving import DEPENDENCIES
 from imagesearch.security import channel_credentials
-from tests.services import (eventually, imgsearch, metric, scrape, start_embedder, start_search,
-                            status_of)
+from tests.services import (container_env, eventually, imgsearch, metric, rendered_overlay, scrape,
+                            start_embedder, start_search, status_of)
 
 TOKENS = ("first-token-3f9a", "second-token-77c1")
 
@@ -106,6 +106,39 @@ def test_plaintext_or_an_untrusted_ca_cannot_connect(pki, secure_system):
         assert status_of(client.stats).code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_probes_reach_plaintext_health_while_the_service_port_is_tls_only(secure_system):
+    """The tls overlay, checked against the real services started with TLS:
+    every probe of each Deployment targets the port its *_HEALTH_PORT sets,
+    not the TLS service port, and no Service exposes it; on the live
+    processes that port answers each probe's health name in plaintext while
+    the service port refuses plaintext."""
+    live = dict(zip(("embedder", "search"), secure_system))
+    objects = rendered_overlay("tls")
+    deployments = [o for o in objects if o["kind"] == "Deployment"]
+    assert {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+            for d in deployments} == set(live)
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]
+        component = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+        container = pod["spec"]["containers"][0]
+        env = container_env(objects, container)
+        prefix = component.upper() + "_"
+        health, main = int(env[prefix + "HEALTH_PORT"]), int(env[prefix + "PORT"])
+        assert env.get(prefix + "TLS_CERT") and health != main, env
+        named = {p["name"]: p["containerPort"] for p in container["ports"] if "name" in p}
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container[kind]["grpc"]
+            assert named.get(probe["port"], probe["port"]) == health, (component, kind, probe)
+            assert status(f"127.0.0.1:{live[component].health_port}",
+                          service=probe.get("service", "")) == "SERVING", (component, kind)
+        assert status(live[component].address) == "UNREACHABLE"  # plaintext to the TLS port
+        for service in (o for o in objects if o["kind"] == "Service"
+                        and o["spec"].get("selector", {}).get("app.kubernetes.io/component") == component):
+            exposed = {named.get(p.get("targetPort"), p.get("targetPort", p["port"]))
+                       for p in service["spec"]["ports"]}
+            assert health not in exposed, service["metadata"]["name"]
+
+
 def test_embedder_refuses_a_client_without_a_certificate(pki, secure_system, tmp_path):
     embedder, _ = secure_system
     with EmbedderClient(embedder.address, timeout_s=5, security=Security(tls_ca=pki["ca"])) as client:
@@ -185,12 +218,13 @@ def _listening_tcp_ports(pid: int) -> set[int]:
 
 def test_no_listening_socket_of_the_search_process_serves_milvus(secure_system, tmp_path):
     """Milvus Lite runs inside the search process: it must not be reachable
-    around the token. The process listens on its API and metrics ports only
-    (neither speaks Milvus), and Lite's Unix socket sits in a 0700 folder."""
+    around the token. The process listens on its API, health and metrics
+    ports only (none speaks Milvus), and Lite's Unix socket sits in a 0700
+    folder."""
     from pymilvus import MilvusClient, MilvusException
     _, search = secure_system
     ports = _listening_tcp_ports(search.process.pid)
-    assert ports == {search.port, search.metrics_port}, ports
+    assert ports == {search.port, search.metrics_port, search.health_port}, ports
     for port in ports:
         with pytest.raises(MilvusException):
             MilvusClient(uri=f"http://127.0.0.1:{port}", timeout=3).list_collections()
