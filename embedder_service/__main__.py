@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
-    log.info("loading model %s", config.model)
+    log.info("loading model %s%s", config.model,
+             f" at revision {config.model_revision}" if config.model_revision else "")
     try:
         encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size,
-                              cuda_graphs=config.cuda_graphs)
+                              cuda_graphs=config.cuda_graphs, revision=config.model_revision)
     except ModelLoadError as exc:
         exit_startup(str(exc))
     MODEL_LOAD.set(encoder.load_seconds)

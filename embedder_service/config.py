@@ -12,6 +12,7 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 @dataclass(frozen=True)
 class EmbedderConfig(ServerConfig):
     model: str
+    model_revision: str
     device: str
     dtype: str
     max_batch_items: int
@@ -36,6 +37,9 @@ def build_parser() -> EnvArgumentParser:
                help="CLIP checkpoint: a Hugging Face hub id or a local directory written by "
                     "save_pretrained. Offline machines need a local directory (or a filled "
                     "HF cache with HF_HUB_OFFLINE=1)")
+    p.env_flag("--model-revision", default="",
+               help="for a hub id: the commit (or tag) to load, so a restart or a new pod "
+                    "never picks up other weights; empty takes the hub's default branch")
     p.env_flag("--device", default="auto",
                help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.env_flag("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],

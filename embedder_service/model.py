@@ -61,9 +61,15 @@ def weights_fingerprint(model: CLIPModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_local(name: str) -> None:
+def _check_local(name: str, revision: str) -> None:
     """A name written as a path must be a directory: otherwise transformers
-    would try it as a hub id and answer with the hub's naming rules."""
+    would try it as a hub id and answer with the hub's naming rules. A
+    directory has no revisions, so asking for one is a mistake."""
+    if revision and os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(
+            f"--model-revision {revision} applies to hub ids, and {name} is a local directory\n"
+            "What to do: drop --model-revision (EMBEDDER_MODEL_REVISION): a directory's "
+            "weights are whatever it holds")
     as_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
     if as_path and not os.path.isdir(os.path.expanduser(name)):
         raise ModelLoadError(
@@ -72,7 +78,7 @@ def _check_local(name: str) -> None:
             "openai/clip-vit-base-patch32")
 
 
-def _check_hub(name: str, timeout_s: float = 3.0) -> bool:
+def _check_hub(name: str, revision: str | None, timeout_s: float = 3.0) -> bool:
     """For a hub id: True when the checkpoint is in the local cache (it then
     loads from there, with no network call, so a restart never changes the
     weights). When it is not, make sure the hub answers at all, or fail in
@@ -80,7 +86,7 @@ def _check_hub(name: str, timeout_s: float = 3.0) -> bool:
     if os.path.isdir(os.path.expanduser(name)):
         return False
     from huggingface_hub import constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return True
     if constants.HF_HUB_OFFLINE:
         return False  # transformers says what is missing from the cache
@@ -117,19 +123,21 @@ class ClipEncoder:
     `cuda_graphs` is off or capturing fails."""
 
     def __init__(self, name: str, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64, cuda_graphs: bool = True) -> None:
+                 batch_size: int = 64, cuda_graphs: bool = True, revision: str = "") -> None:
         self.device, self.dtype = resolve_device(device, dtype)
         self.batch_size = batch_size
         started = time.perf_counter()
-        _check_local(name)
-        cached = _check_hub(name)
+        _check_local(name, revision)
+        cached = _check_hub(name, revision or None)
+        hub = {"local_files_only": cached, "revision": revision or None}
         try:
-            model = CLIPModel.from_pretrained(name, dtype=torch.float32, local_files_only=cached)
-            self.tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=cached)
-            self.preprocessor = Preprocessor.from_pretrained(name, local_files_only=cached)
+            model = CLIPModel.from_pretrained(name, dtype=torch.float32, **hub)
+            self.tokenizer = AutoTokenizer.from_pretrained(name, **hub)
+            self.preprocessor = Preprocessor.from_pretrained(name, **hub)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(
-                f"cannot load CLIP checkpoint {name!r}: {exc}\n"
+                f"cannot load CLIP checkpoint {name!r}"
+                f"{f' at revision {revision}' if revision else ''}: {exc}\n"
                 "What to do: pass --model (or EMBEDDER_MODEL) a local directory written by "
                 "CLIPModel.save_pretrained with its tokenizer and preprocessor_config.json, or a "
                 "hub id this machine can download; on an offline machine, fill the Hugging Face "

@@ -388,8 +388,8 @@ class Preprocessor:
         return cls(**kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike,
-                        local_files_only: bool = False) -> "Preprocessor":
+    def from_pretrained(cls, path_or_name: str | os.PathLike, local_files_only: bool = False,
+                        revision: str | None = None) -> "Preprocessor":
         """From a checkpoint directory, a `preprocessor_config.json` path, or
         (only then importing transformers) a hub id resolved by transformers
         (from the cache alone with `local_files_only`)."""
@@ -408,7 +408,7 @@ class Preprocessor:
         from transformers import AutoImageProcessor  # noqa: PLC0415 - lazy on purpose
 
         return cls.from_processor(AutoImageProcessor.from_pretrained(
-            path, local_files_only=local_files_only))
+            path, local_files_only=local_files_only, revision=revision))
 
     @classmethod
     def from_processor(cls, processor: Any) -> "Preprocessor":

@@ -1,6 +1,11 @@
 """The embedder's model path against plain transformers, on the bundled checkpoint."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +87,37 @@ def test_half_precision_agrees_with_float32(encoder):
 def test_unloadable_model_says_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match="What to do"):
         ClipEncoder(str(tmp_path), device="cpu")
+
+
+def test_directory_with_a_revision_is_refused():
+    with pytest.raises(ModelLoadError, match="applies to hub ids"):
+        ClipEncoder(str(TEST_MODEL), device="cpu", revision="0123abcd")
+
+
+def _load_from_cache(hf_home, revision: str) -> subprocess.CompletedProcess:
+    """ClipEncoder on a hub id, offline, in a process of its own: the hub
+    library reads HF_HOME and HF_HUB_OFFLINE once, at import."""
+    code = ("import sys; from embedder_service.model import ClipEncoder; "
+            "print(ClipEncoder('imagesearch/shapes-clip', device='cpu', "
+            "revision=sys.argv[1]).info.fingerprint)")
+    return subprocess.run([sys.executable, "-c", code, revision], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT,
+                          env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
+
+
+def test_hub_revision_loads_that_commit_and_no_other(tmp_path, encoder):
+    # A Hugging Face cache laid out as a download leaves it: one snapshot
+    # named by its commit, which refs/main points at.
+    commit = "a" * 40
+    repo = tmp_path / "hub" / "models--imagesearch--shapes-clip"
+    shutil.copytree(TEST_MODEL, repo / "snapshots" / commit,
+                    ignore=shutil.ignore_patterns("README.md"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+    pinned = _load_from_cache(tmp_path, commit)
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.strip() == encoder.info.fingerprint
+    other = _load_from_cache(tmp_path, "b" * 40)
+    assert other.returncode != 0
+    assert f"at revision {'b' * 40}" in other.stderr, other.stderr[-2000:]
