@@ -11,6 +11,7 @@ import sys
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
 import asyncio
+import importlib.util
 import logging
 import os
 
@@ -22,6 +23,7 @@ from imagesearch.observability import setup_logging
 from imagesearch.security import SecurityConfigError, Tokens, channel_credentials
 from imagesearch.serving import serve
 from imagesearch.v1 import search_pb2, search_pb2_grpc
+from search_service import workers
 from search_service.config import SearchConfig, parse_config
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import ServiceError
@@ -60,6 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level, config.log_format)
     check_tls(config, "search")
+    if not config.milvus_uri and importlib.util.find_spec("milvus_lite") is None:
+        exit_startup("search: without --milvus-uri (SEARCH_MILVUS_URI) the vectors go to a "
+                     "Milvus Lite file, and Milvus Lite is not installed: pip install "
+                     "'imagesearch[lite]', or point --milvus-uri at a Milvus server")
     credentials = None
     try:  # every file is read before Milvus is touched
         if config.embedder_tls_ca or config.embedder_tls_cert:
@@ -68,12 +74,17 @@ def main(argv: list[str] | None = None) -> None:
         tokens = Tokens("SEARCH_AUTH_TOKEN", config.auth_token_file)
     except SecurityConfigError as exc:
         exit_startup(f"search: {exc}")
+    if workers.resolve(config.workers) > 1:  # this process supervises; the workers serve
+        sys.exit(workers.supervise(config, sys.argv[1:] if argv is None else argv))
+    if config.worker_of:
+        workers.follow_parent(config.worker_of)
     tracing.setup("imagesearch-search")
     if not config.milvus_uri:
         os.makedirs(config.data_dir, exist_ok=True)
     store = MilvusStore(config.milvus_target, config.milvus_token,
                         timeout_s=config.milvus_timeout_s, max_write_bytes=config.milvus_write_kb << 10,
-                        hnsw=HnswParams(config.hnsw_m, config.hnsw_ef_construction, config.hnsw_ef))
+                        hnsw=HnswParams(config.hnsw_m, config.hnsw_ef_construction, config.hnsw_ef),
+                        lite_server=config.worker_lite_uri)
     try:
         store.connect()
     except ServiceError as exc:

@@ -1,6 +1,7 @@
 """Start-up failures are loud and say what to do; a collection never mixes models."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -201,3 +202,35 @@ def test_a_second_service_on_the_same_lite_file_leaves_the_first_alone(tmp_path,
             assert client.stats().count == 1
     finally:
         assert first.stop() == 0
+
+
+NO_LITE = {"PYTHONPATH": str(ROOT / "tests" / "fixtures" / "no-lite")}
+
+
+def test_the_search_extra_resolves_without_milvus_lite(tmp_path):
+    """What `pip install '.[search]'` would install, resolved by pip itself
+    (against the package index, with this project's constraints)."""
+    report = tmp_path / "report.json"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
+                          "--ignore-installed", "--report", str(report), "-c", "constraints.txt",
+                          ".[search]"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = {item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]}
+    assert "pymilvus" in names and not names & {"milvus-lite", "torch"}, sorted(names)
+
+
+def test_search_without_milvus_lite_serves_a_milvus_server(tmp_path, embedder_service, milvus_server):
+    """Without the lite extra: no --milvus-uri is a start-up error that says
+    what to install; with a server's URI the service ingests and searches."""
+    lonely = start_search(tmp_path, embedder_service.address, env=NO_LITE)
+    assert lonely.process.wait(60) == 2
+    assert "pip install 'imagesearch[lite]'" in lonely.log()
+    search = start_search(tmp_path, embedder_service.address, "--milvus-uri", milvus_server.uri,
+                          "--collection", "no_lite", env=NO_LITE).wait_ready()
+    try:
+        with SearchClient(search.address) as client:
+            [result] = client.ingest([IngestItem(photo(5), "no-lite")])
+            assert result.status == IngestResult.STATUS_INSERTED
+            assert [hit.uri for hit in client.search_text("anything", top_k=1)] == ["no-lite"]
+    finally:
+        assert search.stop() == 0
