@@ -298,7 +298,7 @@ class IngestPipeline:
                     results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
                                                  status=Result.STATUS_FAILED, error=vector)
                 else:
-                    rows.append(Row(id=id_, vector=vector.tolist(), uri=item.uri,
+                    rows.append(Row(id=id_, vector=vector, uri=item.uri,
                                     metadata=item.metadata))
                     results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
                                                  status=Result.STATUS_INSERTED)

@@ -1,0 +1,237 @@
+"""Ingest beside EncodeImage on the same images, and what ingest costs the search service.
+
+    python -m bench.ingest_cpu --model tests/fixtures/shapes-clip --seconds 20 \
+        --workers 1 2 --json docs/bench/ingest-cpu-2core.json
+
+Starts one embedder and, for each `--workers` value, one search service
+(Milvus Lite under its data directory) as separate processes on loopback,
+then alternates closed-loop `EncodeImage` runs against the embedder and
+`Ingest` runs through the search service (bench/loadgen.py, the same photo
+JPEGs; ingest gives each image a trailer so that every one is new, at the
+same decode cost). For each Ingest run it records the CPU seconds of the
+search service's whole process tree (the parent, its workers, and Milvus
+Lite, which runs inside a search process) per ingested image, and the share
+of that spent on the main thread (the event loop of a single-process
+service). Ratios compare runs of the same invocation, back to back.
+
+This script starts its own processes (it does not use the test helpers) and
+never a Milvus server.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import loadgen
+import itertools
+
+from bench.photos import make_jpegs, unique
+from imagesearch.health import wait_serving
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """`python -m MODULE ARGS` on a free loopback port, logging to a file."""
+
+    def __init__(self, module: str, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args],
+                cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
+                stderr=subprocess.STDOUT)
+
+    def ready(self, timeout_s: float = 300) -> "Proc":
+        try:
+            wait_serving(self.address, timeout_s, alive=lambda: self.process.poll() is None)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"{self.log} never got ready:\n{self.log.read_text()[-3000:]}")
+        return self
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _ticks(pid: int, task: int | None = None) -> float:
+    path = f"/proc/{pid}/task/{task}/stat" if task else f"/proc/{pid}/stat"
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """{pid: (CPU seconds, main thread's CPU seconds)} over the process tree of `pid`."""
+    return {p: (_ticks(p), _ticks(p, p)) for p in tree(pid)}
+
+
+def cpu_used(before: dict, after: dict) -> tuple[float, float]:
+    """CPU seconds (all threads, main threads) the tree used between two `cpu` readings."""
+    total = main = 0.0
+    for pid, (t1, m1) in after.items():
+        t0, m0 = before.get(pid, (0.0, 0.0))
+        total, main = total + t1 - t0, main + m1 - m0
+    return total, main
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def encode_run(embedder: Proc, jpegs, seconds, clients, batch) -> dict:
+    before = cpu(embedder.process.pid)
+    result = loadgen.run(target="EncodeImage", server=embedder.address, concurrency=clients,
+                         batch=batch, duration_s=seconds, jpegs=jpegs, warmup_s=0, procs=1)
+    used, _ = cpu_used(before, cpu(embedder.process.pid))
+    images = max(result["requests"] * batch, 1)
+    result["embedder_cpu_us_per_image"] = round(used * 1e6 / images)
+    result["load_average"] = load_average()
+    return result
+
+
+_RUNS = itertools.count(1)
+
+
+def ingest_run(search: Proc, embedder: Proc, jpegs, seconds, streams, batch) -> dict:
+    # Bytes of their own for each run (loadgen numbers its images from 0 in
+    # every run): every image new, so each is embedded and written.
+    run = next(_RUNS)
+    jpegs = [unique(jpeg, run) for jpeg in jpegs]
+    before, before_embedder = cpu(search.process.pid), cpu(embedder.process.pid)
+    result = loadgen.run(target="Ingest", server=search.address, concurrency=streams,
+                         batch=batch, duration_s=seconds, jpegs=jpegs, warmup_s=0, procs=1)
+    used, main = cpu_used(before, cpu(search.process.pid))
+    used_embedder, _ = cpu_used(before_embedder, cpu(embedder.process.pid))
+    images = max(result["requests"] * batch, 1)
+    result["search_cpu_us_per_image"] = {"total": round(used * 1e6 / images),
+                                         "main_threads": round(main * 1e6 / images)}
+    result["search_processes"] = len(tree(search.process.pid))
+    result["embedder_cpu_us_per_image"] = round(used_embedder * 1e6 / images)
+    result["load_average"] = load_average()
+    return result
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "search_service", "bench"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out + ("+changes" if dirty else "") if out else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "shapes-clip"))
+    parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
+    parser.add_argument("--rounds", type=int, default=2, help="EncodeImage/Ingest pairs per setting")
+    parser.add_argument("--images", type=int, default=256, help="distinct photo JPEGs")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent callers of each run")
+    parser.add_argument("--batch", type=int, default=64, help="images per request (per Ingest stream)")
+    parser.add_argument("--ingest-batch", type=int, default=64, help="the search service's --ingest-batch")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1],
+                        help="search-service --workers settings to run, one after another")
+    parser.add_argument("--embedder-args", default="--preprocess-workers 2 --max-queue 100000",
+                        help="extra embedder flags")
+    parser.add_argument("--search-args", default="", help="extra search-service flags")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+
+    jpegs = make_jpegs(args.images)
+    out: dict = {"meta": {
+        "command": " ".join(["python -m bench.ingest_cpu", *sys.argv[1:]]),
+        "commit": args.commit or commit(), "date": datetime.date.today().isoformat(),
+        "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
+        "load_average_at_start": load_average()}, "settings": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
+                        work / "embedder.log").ready()
+        try:
+            loadgen.run(target="EncodeImage", server=embedder.address, concurrency=args.clients,
+                        batch=args.batch, duration_s=2, jpegs=jpegs, warmup_s=0)  # warm-up
+            for workers in args.workers:
+                search = Proc("search_service", ["--embedder", embedder.address, "--data-dir",
+                                                 str(work / f"data-{workers}"),
+                                                 *(["--workers", str(workers)] if workers != 1 else []),
+                                                 "--ingest-batch",
+                                                 str(args.ingest_batch), *args.search_args.split()],
+                              work / f"search-{workers}.log").ready()
+                runs = []
+                try:
+                    loadgen.run(target="Ingest", server=search.address, concurrency=args.clients,
+                                batch=args.batch, duration_s=2, jpegs=jpegs, warmup_s=0)  # warm-up
+                    for _ in range(args.rounds):
+                        encode = encode_run(embedder, jpegs, args.seconds, args.clients, args.batch)
+                        ingest = ingest_run(search, embedder, jpegs, args.seconds, args.clients,
+                                            args.batch)
+                        runs.append({"encode_image": encode, "ingest": ingest,
+                                     "ratio": round(ingest["items_per_s"] / encode["items_per_s"], 3)})
+                finally:
+                    code = search.stop()
+                ratios = sorted(r["ratio"] for r in runs)
+                per_image = sorted(r["ingest"]["search_cpu_us_per_image"]["total"] for r in runs)
+                out["settings"][f"workers_{workers}"] = {
+                    "runs": runs, "exit_code": code, "ratio_median": ratios[len(ratios) // 2],
+                    "search_cpu_us_per_image_median": per_image[len(per_image) // 2]}
+                print(json.dumps(out["settings"][f"workers_{workers}"], indent=1), flush=True)
+        finally:
+            out["meta"]["exit_embedder"] = embedder.stop()
+    out["meta"]["load_average_at_end"] = load_average()
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
