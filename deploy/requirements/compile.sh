@@ -45,3 +45,16 @@ for pkg in $(grep -oE '^(nvidia|cuda)-[a-z0-9-]+' deploy/requirements/embedder-c
   NO_CUDA+=(--no-emit-package "$pkg")
 done
 compile deploy/requirements/embedder-cpu.txt --extra embedder --extra tracing "${NO_CUDA[@]}"
+# The build backend that turns the code into a wheel (pip wheel --no-build-isolation).
+compile_build() {
+  local out=deploy/requirements/build.txt
+  local cmd="uv pip compile deploy/requirements/build.in --generate-hashes --python-version 3.12 --python-platform x86_64-manylinux_2_28 --no-header"
+  {
+    echo "# Hash-locked by deploy/requirements/compile.sh (uv $UV_VERSION, index https://pypi.org/simple):"
+    echo "#   $cmd"
+    echo "# Install with: pip install --require-hashes --no-deps -r $out"
+  } > "$out"
+  "$TOOLS/venv/bin/uv" pip compile deploy/requirements/build.in --generate-hashes \
+    --python-version 3.12 --python-platform x86_64-manylinux_2_28 --no-header -q >> "$out"
+}
+compile_build
