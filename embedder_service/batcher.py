@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Sequence, TypeVar
 
 import numpy as np
-from prometheus_client import Gauge, Histogram
+from prometheus_client import REGISTRY, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = Histogram("embedder_batch_size", "Items per forward pass, by batcher (text, image)",
                        ["batcher"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-QUEUE_ITEMS = Gauge("embedder_queue_items", "Items waiting for the model, by batcher", ["batcher"])
 _SECONDS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 QUEUE_WAIT = Histogram("embedder_queue_wait_seconds",
                        "Time a request waited for its forward pass, by batcher", ["batcher"],
@@ -34,12 +35,64 @@ COMPUTE = Histogram("embedder_compute_seconds", "Time of one forward pass, by ba
 T = TypeVar("T")
 
 
+class _Occupancy:
+    """embedder_queue_items and embedder_reserved_items, read from every live
+    batcher at scrape time (summed by name), not from the last one created."""
+
+    def __init__(self) -> None:
+        self.batchers: weakref.WeakSet[Batcher] = weakref.WeakSet()
+
+    def collect(self):
+        queued = GaugeMetricFamily("embedder_queue_items", "Items waiting for the model, by batcher",
+                                   labels=["batcher"])
+        reserved = GaugeMetricFamily(
+            "embedder_reserved_items", "Items admitted but not yet queued (images being "
+            "decoded), by batcher; they count against --max-queue", labels=["batcher"])
+        totals: dict[str, list[int]] = {}
+        for batcher in list(self.batchers):
+            total = totals.setdefault(batcher.name, [0, 0])
+            total[0] += batcher.queued_items
+            total[1] += batcher.reserved_items
+        for name, (waiting, held) in sorted(totals.items()):
+            queued.add_metric([name], waiting)
+            reserved.add_metric([name], held)
+        yield queued
+        yield reserved
+
+
+_OCCUPANCY = _Occupancy()
+REGISTRY.register(_OCCUPANCY)
+
+
 class QueueFull(Exception):
     """Admitting the request would exceed the queue bound."""
 
 
 class Expired(Exception):
     """The request's deadline passed before its batch ran."""
+
+
+@dataclass
+class Reservation:
+    """Room for some items in a batcher's queue, taken at admission (before
+    any decoding) and held until they are queued, so a request admitted once
+    is never refused later for room that others took meanwhile. Leaving the
+    `with` block gives back whatever was not queued (items that failed)."""
+
+    def __init__(self, batcher: "Batcher", count: int) -> None:
+        self._batcher, self._left = batcher, count
+
+    def take(self, count: int) -> None:
+        if count > self._left:
+            raise ValueError(f"{count} items queued on a reservation of {self._left}")
+        self._left -= count
+        self._batcher._reserved -= count
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.take(self._left)
 
 
 @dataclass
@@ -67,11 +120,12 @@ class Batcher(Generic[T]):
         self.max_queue = max_queue
         self._queue: deque[_Request[T]] = deque()
         self._queued_items = 0
+        self._reserved = 0  # admitted through `reserve`, not queued yet
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self.batches = 0  # forward passes run, for tests and benchmarks
         self.items = 0
-        QUEUE_ITEMS.labels(name).set_function(lambda: self._queued_items)
+        _OCCUPANCY.batchers.add(self)
         self._batch_sizes = BATCH_SIZE.labels(name)
         self._queue_wait, self._compute = QUEUE_WAIT.labels(name), COMPUTE.labels(name)
 
@@ -79,16 +133,32 @@ class Batcher(Generic[T]):
     def queued_items(self) -> int:
         return self._queued_items
 
-    def admit(self, count: int) -> None:
-        """Raise QueueFull unless `count` more items fit; cheap, so callers can
-        refuse before doing any work for a request."""
-        if self._queued_items + count > self.max_queue:
-            raise QueueFull(f"{self.name} queue is full ({self._queued_items} items waiting, "
-                            f"limit {self.max_queue}): retry with backoff, or add replicas")
+    @property
+    def reserved_items(self) -> int:
+        return self._reserved
 
-    async def submit(self, payload: T, count: int, timeout_s: float | None) -> np.ndarray:
-        """The vectors of `payload` (`count` items), once its batch has run."""
-        self.admit(count)
+    def _admit(self, count: int) -> None:
+        if self._queued_items + self._reserved + count > self.max_queue:
+            raise QueueFull(f"{self.name} queue is full ({self._queued_items} items waiting, "
+                            f"{self._reserved} more admitted, limit {self.max_queue}): retry "
+                            "with backoff, or add replicas")
+
+    def reserve(self, count: int) -> Reservation:
+        """Room for `count` items, or QueueFull; cheap, so callers can refuse
+        before doing any work for a request, and queue its items later (as
+        `submit(..., reservation=)`) without being refused then."""
+        self._admit(count)
+        self._reserved += count
+        return Reservation(self, count)
+
+    async def submit(self, payload: T, count: int, timeout_s: float | None,
+                     reservation: Reservation | None = None) -> np.ndarray:
+        """The vectors of `payload` (`count` items), once its batch has run;
+        `count` is taken from `reservation` if given, else admitted now."""
+        if reservation is None:
+            self._admit(count)
+        else:
+            reservation.take(count)
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work(), name=f"batcher-{self.name}")

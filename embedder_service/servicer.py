@@ -22,21 +22,17 @@ import numpy as np
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from PIL import Image
-from prometheus_client import Gauge
 
-from embedder_service.batcher import Batcher, Expired, QueueFull
+from embedder_service.batcher import Batcher, Expired, QueueFull, Reservation
 from embedder_service.config import EmbedderConfig
 from embedder_service.device_images import DeviceDecodeUnavailable, DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.model_health import ModelHealth
 from embedder_service.preprocess import declared_cost
-from embedder_service.workers import make_pool, prepare, tasks
+from embedder_service.workers import PreprocessPool, tasks
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-DECODING = Gauge("embedder_decoding_items",
-                 "Image items admitted and being decoded; they count against --max-queue")
 
 _MAX_LISTED = 10  # bad items named in one error message
 _DECODE_THREADS = 2  # GPU decode calls in flight: one decodes while the other resizes
@@ -96,13 +92,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         self.images = Batcher("image", lambda payloads: encoder.encode_images(
             [part for parts in payloads for part in parts]), self._image_thread, **limits,
             on_batch=lambda ok, why: self.health.record("image", ok, why))
-        self._decoding = 0  # image items admitted and being decoded
-        self._decoding_cost = 0  # their decode cost, in baseline-JPEG pixels
-        DECODING.set_function(lambda: self._decoding)
+        self._decoding_cost = 0  # of admitted images not decoded yet, in baseline-JPEG pixels
         mode = config.preprocess_mode
         if mode == "auto":
             mode = "process" if encoder.device.type == "cuda" else "thread"
-        self._preprocess_pool = make_pool(mode, config.preprocess_workers,
+        self._preprocess_pool = PreprocessPool(mode, config.preprocess_workers,
                                           encoder.preprocessor, config.max_image_pixels)
         self._jpeg_decoder = self._device_decoder(config.image_decode)
         self._decode_threads = (ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gpu-decode")
@@ -142,7 +136,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             await _bad_request(context, why, [(kind, why)])
 
     async def _encode(self, batcher: Batcher, chunks: list[tuple[object, int]],
-                      context: grpc.aio.ServicerContext) -> np.ndarray:
+                      context: grpc.aio.ServicerContext,
+                      reservation: Reservation | None = None) -> np.ndarray:
         """The vectors of a request, submitted as `chunks` of at most one model
         batch each: the model thread runs one batch at a time, so a small
         text request waits for at most one batch of a large image request,
@@ -151,7 +146,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         remaining = context.time_remaining()
         if context.cancelled() or (remaining is not None and remaining <= 0):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before encoding")
-        tasks = [asyncio.ensure_future(batcher.submit(payload, count, remaining))
+        tasks = [asyncio.ensure_future(batcher.submit(payload, count, remaining, reservation))
                  for payload, count in chunks]
         try:
             vectors = np.concatenate(await asyncio.gather(*tasks))
@@ -187,46 +182,47 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         return embedder_pb2.EncodeTextResponse(embeddings=self._embeddings(vectors),
                                                model=self._identity)
 
-    def _admit_decoding(self, count: int, cost: int) -> None:
-        """Raise QueueFull unless `count` more images fit the model queue (images
-        being decoded count as queued) and `cost` more decode work fits
-        --max-decode-mpx; a request is always admitted when nothing else is
-        decoding, so one image at its limit always fits."""
-        self.images.admit(count + self._decoding)
+    def _admit_images(self, count: int, cost: int) -> Reservation:
+        """The one admission of an image request, before any decoding: room
+        in the model queue for `count` images, held through decoding until
+        they are queued, and `cost` of decode work within --max-decode-mpx
+        (always admitted when nothing else is decoding, so one image at its
+        limit always fits). QueueFull otherwise."""
         limit = self._config.max_decode_mpx * 1_000_000
         if self._decoding_cost and self._decoding_cost + cost > limit:
             raise QueueFull(f"decoding is at its bound ({self._decoding_cost / 1e6:.0f} of "
                             f"{limit / 1e6:.0f} Mpx of decode work admitted; this request adds "
                             f"{cost / 1e6:.0f}): retry with backoff, or add replicas")
+        return self.images.reserve(count)
 
     async def EncodeImage(self, request, context):
         images = list(request.images)
         await self._check_count("images", len(images), context)
         costs = [declared_cost(data) for data in images]  # headers only
         try:  # refuse before decoding anything
-            self._admit_decoding(len(images), sum(costs))
+            reservation = self._admit_images(len(images), sum(costs))
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.time() + remaining
-        self._decoding += len(images)
-        self._decoding_cost += sum(costs)
-        try:  # released when the call ends, deadline or not: work left for it is skipped
-            parts, order, errors = await self._prepare(images, costs, deadline)
-        finally:
-            self._decoding -= len(images)
-            self._decoding_cost -= sum(costs)
-        if deadline is not None and time.time() > deadline:  # images were skipped, not bad
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while decoding")
-        if errors and not request.allow_partial:
-            bad = sorted(errors.items())
-            await _bad_request(context, _bad_items_message("images", bad),
-                               [(f"images[{i}]", why) for i, why in bad])
-        vectors = np.zeros((0, self._identity.dim), dtype=np.float32)
-        if order:
-            chunks = _row_chunks(parts, self._config.batch_size)
-            vectors = await self._encode(self.images, [(chunk, sum(map(len, chunk)))
-                                                       for chunk in chunks], context)
+        with reservation:  # images that fail, or a call that ends, give their room back
+            self._decoding_cost += sum(costs)
+            try:  # work left for a call that has ended is skipped
+                parts, order, errors = await self._prepare(images, costs, deadline)
+            finally:
+                self._decoding_cost -= sum(costs)
+            if deadline is not None and time.time() > deadline:  # images were skipped, not bad
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "deadline passed while decoding")
+            if errors and not request.allow_partial:
+                bad = sorted(errors.items())
+                await _bad_request(context, _bad_items_message("images", bad),
+                                   [(f"images[{i}]", why) for i, why in bad])
+            vectors = np.zeros((0, self._identity.dim), dtype=np.float32)
+            if order:
+                chunks = _row_chunks(parts, self._config.batch_size)
+                vectors = await self._encode(self.images, [(chunk, sum(map(len, chunk)))
+                                                           for chunk in chunks], context, reservation)
         return embedder_pb2.EncodeImageResponse(
             embeddings=self._embeddings(vectors[np.argsort(order)], errors), model=self._identity)
 
@@ -274,12 +270,9 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         """(i, crop or the reason it failed) for images[index], in the preprocess
         pool. If the call ends first, tasks not started are cancelled (and
         started ones skip what the deadline has passed)."""
-        loop = asyncio.get_running_loop()
         groups = [[index[j] for j in group] for group in tasks([costs[i] for i in index])]
         chunks = await asyncio.gather(*(
-            loop.run_in_executor(self._preprocess_pool, prepare, [images[i] for i in group],
-                                 deadline)
-            for group in groups))
+            self._preprocess_pool.prepare([images[i] for i in group], deadline) for group in groups))
         return list(zip((i for group in groups for i in group), (p for chunk in chunks for p in chunk)))
 
     async def GetModelInfo(self, request, context):
@@ -305,5 +298,5 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             await loop.run_in_executor(self._image_thread, self._encoder.encode_images, [crops])
         jpeg = io.BytesIO()
         Image.new("RGB", (2 * width, 2 * height), (128, 128, 128)).save(jpeg, format="JPEG")
-        await asyncio.gather(*(loop.run_in_executor(self._preprocess_pool, prepare, [jpeg.getvalue()])
-                               for _ in range(self._config.preprocess_workers)))
+        await asyncio.gather(*(self._preprocess_pool.prepare([jpeg.getvalue()])
+                               for _ in range(self._preprocess_pool.workers)))

@@ -8,6 +8,8 @@ process is paid per chunk, not per image.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import multiprocessing
 import time
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -20,13 +22,18 @@ from embedder_service.preprocess import ImageDecodeError, Preprocessor, decode_i
 CHUNK = 4  # images per task, at most
 CHUNK_COST = 8_000_000  # decode cost per task, at most (in baseline-JPEG pixels; one dearer image goes alone)
 
-_preprocessor: Preprocessor | None = None
-_max_pixels = 0
+# Set by the initializer in each worker *process* only (a process has one
+# job); thread pools bind their settings to the pool object instead.
+_in_process: tuple[Preprocessor, int] | None = None
 
 
-def _setup(config: dict[str, Any], max_pixels: int) -> None:
-    global _preprocessor, _max_pixels
-    _preprocessor, _max_pixels = Preprocessor.from_config(config), max_pixels
+def _setup_process(config: dict[str, Any], max_pixels: int) -> None:
+    global _in_process
+    _in_process = (Preprocessor.from_config(config), max_pixels)
+
+
+def _prepare_in_process(images: list[bytes], deadline: float | None) -> list[np.ndarray | str]:
+    return prepare(*_in_process, images, deadline)
 
 
 def tasks(costs: list[int]) -> list[list[int]]:
@@ -44,7 +51,8 @@ def tasks(costs: list[int]) -> list[list[int]]:
     return out
 
 
-def prepare(images: list[bytes], deadline: float | None = None) -> list[np.ndarray | str]:
+def prepare(preprocessor: Preprocessor, max_pixels: int, images: list[bytes],
+            deadline: float | None = None) -> list[np.ndarray | str]:
     """The uint8 crop of each image (normalised later, on the model's device:
     a quarter of the bytes to copy), or the reason it cannot be used. Images
     not started by `deadline` (time.time()) are skipped: nobody waits for them."""
@@ -54,12 +62,12 @@ def prepare(images: list[bytes], deadline: float | None = None) -> list[np.ndarr
             out.append("the deadline passed before it was decoded")
             continue
         try:
-            image = decode_image(data, _max_pixels)
-            resized = _preprocessor.resized_pixels(image.width, image.height)
-            if resized > _max_pixels:
+            image = decode_image(data, max_pixels)
+            resized = preprocessor.resized_pixels(image.width, image.height)
+            if resized > max_pixels:
                 raise ImageDecodeError(f"image is {image.width}x{image.height}: its aspect ratio "
                                        f"is too extreme to resize ({resized} pixels)")
-            out.append(_preprocessor.crop(image))
+            out.append(preprocessor.crop(image))
         except ImageDecodeError as exc:
             out.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - one bad image must not fail its neighbours
@@ -67,12 +75,24 @@ def prepare(images: list[bytes], deadline: float | None = None) -> list[np.ndarr
     return out
 
 
-def make_pool(kind: str, workers: int, preprocessor: Preprocessor, max_pixels: int) -> Executor:
-    """A pool whose tasks run `prepare`. Processes are spawned, never forked:
-    the parent may hold a CUDA context, which a fork must not inherit."""
-    args = (preprocessor.to_config(), max_pixels)
-    if kind == "process":
-        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_setup, initargs=args)
-    _setup(*args)
-    return ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+class PreprocessPool:
+    """Workers that run `prepare` with one preprocessor and pixel limit.
+    Processes are spawned, never forked: the parent may hold a CUDA
+    context, which a fork must not inherit."""
+
+    def __init__(self, kind: str, workers: int, preprocessor: Preprocessor,
+                 max_pixels: int) -> None:
+        self.workers = workers
+        if kind == "process":
+            self._executor: Executor = ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_setup_process, initargs=(preprocessor.to_config(), max_pixels))
+            self._run = _prepare_in_process
+        else:
+            self._executor = ThreadPoolExecutor(workers, thread_name_prefix="preprocess")
+            self._run = functools.partial(prepare, preprocessor, max_pixels)
+
+    async def prepare(self, images: list[bytes],
+                      deadline: float | None = None) -> list[np.ndarray | str]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run,
+                                                                images, deadline)

@@ -155,3 +155,25 @@ def test_a_cancelled_caller_frees_its_queue_place_at_once():
 
     busy, again = run(main())
     assert again[:, 0].tolist() == [4, 5] and model.batches == [[1], [4, 5]]
+
+
+def test_a_reservation_holds_room_until_its_items_are_queued():
+    """Admission happens once, before decoding: the room it took is held
+    against later requests, queuing from it is never refused, and leaving
+    the block returns what was not queued."""
+    model = EchoModel()
+
+    async def main():
+        batcher = make(model, max_queue=4)
+        with batcher.reserve(3) as held:
+            assert batcher.reserved_items == 3
+            with pytest.raises(QueueFull, match="3 more admitted"):
+                await batcher.submit([9, 9], 2, None)  # 3 held + 2 > 4
+            rows = await batcher.submit([1, 2], 2, None, held)  # from the reservation
+            assert rows[:, 0].tolist() == [1, 2] and batcher.reserved_items == 1
+        assert batcher.reserved_items == 0  # the third item failed to decode, say
+        with pytest.raises(QueueFull):
+            batcher.reserve(5)
+        return await batcher.submit([7, 7, 7, 7], 4, None)
+
+    assert run(main())[:, 0].tolist() == [7, 7, 7, 7]
