@@ -1,6 +1,7 @@
 """Search-service configuration: flags with SEARCH_* environment twins, parsed once."""
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 
@@ -26,6 +27,12 @@ class SearchConfig(ServerConfig):
     embedder_tls_ca: str
     embedder_tls_cert: str
     embedder_tls_key: str
+    workers: int
+    # Internal, set by the parent of --workers for its workers: its pid, and
+    # the Unix socket where it serves the Milvus Lite file (which only one
+    # process can open).
+    worker_of: int
+    worker_lite_uri: str
     # From the environment only, never a flag: a token on a command line is
     # visible to every user of the machine. SEARCH_MILVUS_TOKEN, or
     # SEARCH_MILVUS_USER and SEARCH_MILVUS_PASSWORD.
@@ -82,6 +89,16 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--hnsw-ef", default=64, type=positive_int,
                help="HNSW search ef on a Milvus server (raised to top_k + offset when lower): "
                     "higher is more accurate and slower")
+    from search_service.workers import MAX_AUTO_WORKERS, available_cores
+    p.env_flag("--workers", default=1, type=at_least(0),
+               help="search processes serving --port together (SO_REUSEPORT), each with its own "
+                    "Milvus client and embedder channel, supervised by this process (which "
+                    "replaces one that dies and serves all their metrics on --metrics-port). 0: "
+                    f"one per available core, at most {MAX_AUTO_WORKERS} (here: "
+                    f"{min(available_cores(), MAX_AUTO_WORKERS)}). 1: one process, no supervisor. "
+                    "With Milvus Lite this process serves the Lite file to the workers")
+    p.add_argument("--worker-of", default=0, type=int, help=argparse.SUPPRESS)
+    p.add_argument("--worker-lite-uri", default="", help=argparse.SUPPRESS)
     return p
 
 

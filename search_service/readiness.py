@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 2.0
 DEPENDENCIES = ("embedder", "milvus")
-UP = Gauge("search_dependency_up", "1 while the dependency answers, else 0", ["dependency"])
+# With --workers, the lowest over the live workers: 0 when any of them cannot reach it.
+UP = Gauge("search_dependency_up", "1 while the dependency answers, else 0", ["dependency"],
+           multiprocess_mode="livemin")
 
 
 async def watch_dependencies(problems: Callable[[], Awaitable[dict[str, str]]],
