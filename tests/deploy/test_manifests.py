@@ -1,264 +1,247 @@
-"""Deployment files: Dockerfiles, docker-compose.yml, Kubernetes manifests, Milvus values.
+"""Kubernetes manifests: the overlays as `kubectl kustomize` renders them.
 
-Static checks, no Docker daemon, cluster or network: Kubernetes objects
-against the schemas kubernetes-validate bundles (strict: unknown fields fail),
-docker-compose.yml against the Compose Specification schema vendored in
-schemas/, and the rules the deployment relies on (probes, non-root, GPU
-requests, headless embedder Service, who may reach the embedder).
-
-The overlays are rendered with `kubectl kustomize`, as they are deployed;
-kubectl is part of this project's machines, so its absence fails, not skips.
+Core kinds are validated against the schemas kubernetes-validate bundles
+(strict: unknown fields fail) for the oldest Kubernetes we support and the
+newest it knows. kubernetes-validate has no schemas for custom resources
+(KEDA's ScaledObject, cert-manager's Certificate and Issuer, the Prometheus
+Operator's PodMonitor and PrometheusRule, an ExternalSecret), so those are
+checked structurally here: the fields we use, and that what they name exists.
+Then the rules the deployment relies on: probes on the plaintext health
+port, TLS wiring, model delivery, scaling on the metrics the embedder really
+exports, network policies, topology spread, no Secrets in the manifests,
+images that fail closed.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import re
-import shlex
-import shutil
-import subprocess
-import tomllib
-from pathlib import Path
+from urllib.parse import urlparse
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
 
-from embedder_service.config import build_parser as embedder_parser
-from search_service.config import build_parser as search_parser
+from tests.deploy.common import (EMBEDDER_LABELS, HEALTH_PORT, K8S, KNOWN_ENV, OVERLAYS, ROOT,
+                                 SEARCH_LABELS, compose, config_map, exported_series,
+                                 EXTERNAL_SERIES, main_container, objects, pod_spec,
+                                 promql_series, render, rendered, service_env_names)
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-OVERLAYS = ["cpu", "gpu"]
-DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
 # The oldest Kubernetes we support (gRPC probes are GA since 1.27) and the newest bundled.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
-# compose-spec.json comes from the compose-spec project (Apache-2.0, LICENSE.compose-spec),
-# as vendored by check-jsonschema 0.39.0, whose recorded sha256 this is.
-COMPOSE_SCHEMA = Path(__file__).parent / "schemas" / "compose-spec.json"
-COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
-# Environment variables the deployment sets that the services' flags don't
-# define yet: added with metrics and auth (issue 6). Harmless until then.
-EMBEDDER_LABELS = {"app.kubernetes.io/name": "imagesearch", "app.kubernetes.io/component": "embedder"}
-SEARCH_LABELS = {"app.kubernetes.io/name": "imagesearch", "app.kubernetes.io/component": "search"}
+# Custom resources: kind -> the apiVersion we write (its CRD ships with the operator).
+CUSTOM = {"ScaledObject": "keda.sh/v1alpha1", "Certificate": "cert-manager.io/v1",
+          "Issuer": "cert-manager.io/v1", "PodMonitor": "monitoring.coreos.com/v1",
+          "PrometheusRule": "monitoring.coreos.com/v1", "ExternalSecret": "external-secrets.io/v1"}
+CORE_KINDS = {"ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
+              "PodDisruptionBudget", "NetworkPolicy", "PersistentVolumeClaim"}
+EXPECTED_KINDS = {"cpu": CORE_KINDS | {"ScaledObject"}, "gpu": CORE_KINDS | {"ScaledObject"},
+                  "tls": CORE_KINDS | {"ScaledObject", "Certificate", "Issuer"}}
+DEPLOYMENTS = {"imagesearch-embedder": ("embedder", 50051), "imagesearch-search": ("search", 50052)}
 
 
-# --- helpers ---------------------------------------------------------------
-
-@functools.cache
-def rendered(overlay: str) -> tuple[dict, ...]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is not installed: it renders the kustomize overlays (apt: kubectl)")
-    out = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+def validate(obj: dict, version: str) -> None:
+    if obj["kind"] in CUSTOM:
+        assert obj["apiVersion"] == CUSTOM[obj["kind"]], obj["metadata"]["name"]
+        check_custom_resource(obj, version)
+    else:
+        kubernetes_validate.validate(obj, version, strict=True)
 
 
-def objects(overlay: str, kind: str) -> dict[str, dict]:
-    return {o["metadata"]["name"]: o for o in rendered(overlay) if o["kind"] == kind}
+# --- custom resources, structurally ---------------------------------------
+
+SCALED_OBJECT_SPEC = {"scaleTargetRef", "minReplicaCount", "maxReplicaCount", "pollingInterval",
+                      "cooldownPeriod", "initialCooldownPeriod", "idleReplicaCount", "advanced",
+                      "triggers", "fallback"}
+PROMETHEUS_TRIGGER = {"serverAddress", "query", "threshold", "activationThreshold",
+                      "ignoreNullValues", "namespace", "unsafeSsl"}
+CERTIFICATE_SPEC = {"secretName", "commonName", "dnsNames", "ipAddresses", "uris", "duration",
+                    "renewBefore", "isCA", "usages", "privateKey", "issuerRef", "subject",
+                    "secretTemplate"}
+KEY_USAGES = {"signing", "digital signature", "content commitment", "key encipherment",
+              "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+              "decipher only", "any", "server auth", "client auth", "code signing",
+              "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user",
+              "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"}
 
 
-def containers(overlay: str):
-    for name, deployment in objects(overlay, "Deployment").items():
-        pod = deployment["spec"]["template"]["spec"]
-        for container in pod["containers"]:
-            yield name, pod, container
+def check_custom_resource(obj: dict, version: str) -> None:
+    name = obj["metadata"]["name"]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
+    assert set(obj) <= {"apiVersion", "kind", "metadata", "spec"}, name
+    spec = obj["spec"]
+    if obj["kind"] == "ScaledObject":
+        assert set(spec) <= SCALED_OBJECT_SPEC, set(spec) - SCALED_OBJECT_SPEC
+        assert set(spec["scaleTargetRef"]) <= {"name", "kind", "apiVersion", "envSourceContainerName"}
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        assert spec["triggers"]
+        for trigger in spec["triggers"]:
+            assert trigger["type"] == "prometheus"
+            assert set(trigger) <= {"type", "name", "metadata", "metricType", "useCachedMetrics",
+                                    "authenticationRef"}
+            assert trigger.get("metricType", "AverageValue") in ("AverageValue", "Value")
+            meta = trigger["metadata"]
+            assert set(meta) <= PROMETHEUS_TRIGGER and {"serverAddress", "query", "threshold"} <= set(meta)
+            assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
+            float(meta["threshold"])
+            assert urlparse(meta["serverAddress"]).scheme in ("http", "https")
+        # The HPA behaviour KEDA passes through, checked by the real HPA schema.
+        behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+        if behavior:
+            kubernetes_validate.validate({
+                "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+                "metadata": {"name": name},
+                "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+                         "maxReplicas": 1, "behavior": behavior}}, version, strict=True)
+    elif obj["kind"] == "Certificate":
+        assert set(spec) <= CERTIFICATE_SPEC, set(spec) - CERTIFICATE_SPEC
+        assert spec["secretName"] and spec["issuerRef"]["name"]
+        assert spec["issuerRef"].get("kind", "Issuer") in ("Issuer", "ClusterIssuer")
+        assert set(spec.get("usages", [])) <= KEY_USAGES, spec.get("usages")
+        for field in ("duration", "renewBefore"):
+            if field in spec:
+                assert re.fullmatch(r"(\d+(h|m|s))+", spec[field]), spec[field]
+        assert spec.get("dnsNames") or spec.get("commonName"), name
+        assert spec.get("privateKey", {}).get("algorithm", "RSA") in ("RSA", "ECDSA", "Ed25519")
+    elif obj["kind"] == "Issuer":
+        kinds = set(spec) & {"selfSigned", "ca", "acme", "vault", "venafi"}
+        assert len(kinds) == 1 and set(spec) == kinds, spec
+        if "ca" in spec:
+            assert spec["ca"]["secretName"]
+    elif obj["kind"] == "PodMonitor":
+        assert spec["selector"]["matchLabels"]
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme",
+                                     "relabelings", "metricRelabelings", "honorLabels"}
+    elif obj["kind"] == "PrometheusRule":
+        for group in spec["groups"]:
+            assert group["name"] and group["rules"]
+            for rule in group["rules"]:
+                assert set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations"}
+                assert rule["expr"].strip()
+                if "alert" in rule:
+                    assert re.fullmatch(r"\d+[smh]", rule.get("for", "0s")), rule["alert"]
+                    assert rule["labels"]["severity"] in ("info", "warning", "critical")
+    elif obj["kind"] == "ExternalSecret":
+        assert spec["secretStoreRef"]["name"] and spec["target"]["name"]
+        for item in spec["data"]:
+            assert item["secretKey"] and item["remoteRef"]["key"]
 
 
-def env_twins(parser) -> set[str]:
-    """The environment variable of every flag, as EnvArgumentParser names it."""
-    return {parser.env_prefix + opt.lstrip("-").replace("-", "_").upper()
-            for action in parser._actions for opt in action.option_strings
-            if opt.startswith("--") and opt != "--help"}
-
-
-KNOWN_ENV = env_twins(embedder_parser()) | env_twins(search_parser()) | {"SEARCH_MILVUS_TOKEN"}
-
-
-def service_env_names(names) -> set[str]:
-    return {n for n in names if n.startswith(("EMBEDDER_", "SEARCH_"))}
-
-
-def console_scripts() -> set[str]:
-    return set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"])
-
-
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(
-        line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")))
-    pairs = []
-    for line in text.splitlines():
-        if line.strip():
-            word, _, rest = line.strip().partition(" ")
-            pairs.append((word.upper(), rest.strip()))
-    return pairs
-
-
-def stages(path: Path) -> list[list[tuple[str, str]]]:
-    """Instructions per stage; stage 0 holds what comes before the first FROM."""
-    result: list[list[tuple[str, str]]] = [[]]
-    for word, rest in dockerfile_instructions(path):
-        if word == "FROM":
-            result.append([])
-        result[-1].append((word, rest))
-    return result
-
-
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-
-
-# --- Kubernetes --------------------------------------------------------------
+# --- rendering and validation ----------------------------------------------
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_rendered_overlay_validates_against_kubernetes_schemas(overlay, version):
     kinds = set()
     for obj in rendered(overlay):
-        kubernetes_validate.validate(obj, version, strict=True)
+        validate(obj, version)
         kinds.add(obj["kind"])
-    assert kinds == {"ConfigMap", "Secret", "Service", "Deployment", "HorizontalPodAutoscaler",
-                     "PodDisruptionBudget", "NetworkPolicy"}
+    assert kinds == EXPECTED_KINDS[overlay]
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_base_files_validate_against_kubernetes_schemas(version):
-    files = [p for p in sorted((K8S / "base").glob("*.yaml")) if p.name != "kustomization.yaml"]
-    assert files
+def test_base_and_component_files_validate(version):
+    files = [p for p in sorted(K8S.glob("*/*.yaml")) + sorted(K8S.glob("*/*/*.yaml"))
+             if p.name != "kustomization.yaml" and "overlays" not in p.parts]
+    assert len(files) >= 8
     for path in files:
         for obj in yaml.safe_load_all(path.read_text()):
-            if obj:
-                kubernetes_validate.validate(obj, version, strict=True)
+            if obj and "patch" not in path.name and path.name != "mount-certificates.yaml":
+                validate(obj, version)
 
 
 def test_no_namespace_is_hardcoded():
     """The user picks the namespace (kubectl -n or their own overlay)."""
+    for path in [f"overlays/{o}" for o in OVERLAYS] + ["monitoring"]:
+        assert all("namespace" not in o["metadata"] for o in render(path)), path
+        assert all(o["kind"] != "Namespace" for o in render(path)), path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_secret_objects_in_the_manifests(overlay):
+    """An `apply -k` must never write placeholders over real Secrets: they are
+    created out of band (or by an ExternalSecret), and only referenced here."""
+    assert not objects(overlay, "Secret")
+    c = main_container(overlay, "imagesearch-search")
+    [ref] = [e["secretRef"] for e in c["envFrom"] if "secretRef" in e]
+    assert ref == {"name": "imagesearch-secrets", "optional": True}
+
+
+def test_external_secret_example_fills_the_secret_the_pods_read():
+    [obj] = yaml.safe_load_all((K8S / "examples" / "externalsecret.yaml").read_text())
+    validate(obj, K8S_VERSIONS[-1])
+    assert obj["spec"]["target"]["name"] == "imagesearch-secrets"
+    assert {d["secretKey"] for d in obj["spec"]["data"]} <= KNOWN_ENV
+
+
+# --- probes and ports --------------------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_probe_uses_the_plaintext_health_port_which_no_service_exposes(overlay):
+    for name, (prefix, grpc_port) in DEPLOYMENTS.items():
+        c = main_container(overlay, name)
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports == {"grpc": grpc_port, "health": HEALTH_PORT, "metrics": ports["metrics"]}
+        env = config_map(overlay, name)
+        key = "EMBEDDER" if prefix == "embedder" else "SEARCH"
+        assert env[f"{key}_HEALTH_PORT"] == str(HEALTH_PORT)
+        assert env[f"{key}_PORT"] == str(grpc_port)
+        # Readiness and start-up: overall health (""); liveness: the "liveness" service.
+        assert c["readinessProbe"]["grpc"] == {"port": HEALTH_PORT}, name
+        assert c["startupProbe"]["grpc"] == {"port": HEALTH_PORT}, name
+        assert c["livenessProbe"]["grpc"] == {"port": HEALTH_PORT, "service": "liveness"}, name
+    for service in objects(overlay, "Service").values():
+        exposed = {p["port"] for p in service["spec"]["ports"]} | {
+            p["targetPort"] for p in service["spec"]["ports"]}
+        assert not exposed & {HEALTH_PORT, "health"}, service["metadata"]["name"]
+
+
+def test_embedder_start_up_allows_for_loading_the_model():
     for overlay in OVERLAYS:
-        assert all("namespace" not in o["metadata"] for o in rendered(overlay))
-        assert all(o["kind"] != "Namespace" for o in rendered(overlay))
+        probe = main_container(overlay, "imagesearch-embedder")["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_container_is_probed_limited_and_non_root(overlay):
-    seen = set()
-    for name, pod, c in containers(overlay):
-        seen.add(name)
-        where = f"{overlay}/{name}/{c['name']}"
-        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
-        # Readiness: overall health (""); liveness: the "liveness" health service.
-        assert c["readinessProbe"]["grpc"]["port"] == port, where
-        assert c["readinessProbe"]["grpc"].get("service", "") == "", where
-        assert c["livenessProbe"]["grpc"] == {"port": port, "service": "liveness"}, where
-        for kind in ("requests", "limits"):
-            assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where} {kind}"
-        assert pod["securityContext"]["runAsNonRoot"] is True, where
-        assert pod["securityContext"]["runAsUser"] != 0, where
-        assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
-        assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
-        mounts = {m["mountPath"] for m in c["volumeMounts"]}
-        assert "/tmp" in mounts, f"{where}: a read-only root needs a writable /tmp"
-        image = c["image"]
-        assert re.search(r":[\w][\w.-]*$", image.rsplit("/", 1)[-1]) and not image.endswith(":latest"), image
-        # Prometheus annotations name the metrics port the container exposes.
+def test_every_container_is_limited_non_root_and_read_only(overlay):
+    for name in DEPLOYMENTS:
+        pod = pod_spec(overlay, name)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"] + pod.get("initContainers", []):
+            where = f"{overlay}/{name}/{c['name']}"
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where} {kind}"
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+            assert c["securityContext"]["capabilities"]["drop"] == ["ALL"], where
+            assert "/tmp" in {m["mountPath"] for m in c["volumeMounts"]}, where
         annotations = objects(overlay, "Deployment")[name]["spec"]["template"]["metadata"]["annotations"]
-        metrics = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
-        assert annotations["prometheus.io/scrape"] == "true"
+        metrics = next(p["containerPort"] for p in pod["containers"][0]["ports"] if p["name"] == "metrics")
         assert annotations["prometheus.io/port"] == str(metrics)
-    assert seen == {"imagesearch-embedder", "imagesearch-search"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_embedder_has_a_startup_probe_for_the_model_load(overlay):
-    c = objects(overlay, "Deployment")["imagesearch-embedder"]["spec"]["template"]["spec"]["containers"][0]
-    probe = c["startupProbe"]
-    assert probe["grpc"]["port"] == 50051
-    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, "model download needs minutes"
+def test_images_fail_closed_until_a_registry_is_set(overlay):
+    """Bare names would resolve to Docker Hub; REGISTRY.invalid never resolves."""
+    for name in DEPLOYMENTS:
+        pod = pod_spec(overlay, name)
+        for c in pod["containers"] + pod.get("initContainers", []):
+            image = c["image"]
+            assert image.startswith("REGISTRY.invalid/imagesearch/"), image
+            assert re.search(r":\d+\.\d+\.\d+$", image), image
+    assert ("cuda" in main_container(overlay, "imagesearch-embedder")["image"]) == (overlay == "gpu")
 
 
-def test_gpu_overlay_requests_a_gpu_and_cpu_overlay_does_not():
-    gpu = objects("gpu", "Deployment")["imagesearch-embedder"]["spec"]["template"]["spec"]
+def test_gpu_overlay_requests_a_gpu_and_the_others_do_not():
+    gpu = pod_spec("gpu", "imagesearch-embedder")
     assert gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "cuda" in gpu["containers"][0]["image"]
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu["tolerations"])
-    cpu = objects("cpu", "Deployment")["imagesearch-embedder"]["spec"]["template"]["spec"]
-    assert "nvidia.com/gpu" not in cpu["containers"][0]["resources"]["limits"]
-    assert "cuda" not in cpu["containers"][0]["image"]
+    for overlay in ("cpu", "tls"):
+        assert "nvidia.com/gpu" not in main_container(overlay, "imagesearch-embedder")["resources"]["limits"]
     devices = {o: config_map(o, "imagesearch-embedder")["EMBEDDER_DEVICE"] for o in OVERLAYS}
-    assert devices == {"cpu": "cpu", "gpu": "cuda"}
-
-
-def config_map(overlay: str, prefix: str) -> dict[str, str]:
-    """A generated ConfigMap's data, found by its name without the hash suffix."""
-    [data] = [o["data"] for n, o in objects(overlay, "ConfigMap").items()
-              if re.fullmatch(re.escape(prefix) + r"-[a-z0-9]{10}", n)]
-    return data
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_search_balances_over_the_headless_embedder_service(overlay):
-    services = objects(overlay, "Service")
-    embedder = services["imagesearch-embedder"]["spec"]
-    assert embedder["clusterIP"] == "None"
-    assert embedder["selector"] == EMBEDDER_LABELS
-    assert services["imagesearch-search"]["spec"].get("clusterIP") != "None"
-    assert services["imagesearch-search"]["spec"]["selector"] == SEARCH_LABELS
-    search_env = config_map(overlay, "imagesearch-search")
-    assert search_env["SEARCH_EMBEDDER"] == "dns:///imagesearch-embedder:50051"
-    assert search_env["SEARCH_MILVUS_URI"].startswith("http://")
-    # The Deployments read the generated ConfigMaps (hash-suffixed names).
-    for name, _, c in containers(overlay):
-        refs = {e["configMapRef"]["name"] for e in c["envFrom"] if "configMapRef" in e}
-        assert refs and refs <= set(objects(overlay, "ConfigMap")), name
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_only_search_pods_reach_the_embedder_grpc_port(overlay):
-    [policy] = objects(overlay, "NetworkPolicy").values()
-    spec = policy["spec"]
-    assert spec["podSelector"]["matchLabels"] == EMBEDDER_LABELS
-    assert "Ingress" in spec["policyTypes"]
-    grpc_rules = []
-    for rule in spec["ingress"]:
-        assert rule.get("ports"), "a rule without ports opens every port"
-        assert rule.get("from"), "a rule without from admits every source"
-        if any(p["port"] in (50051, "grpc") for p in rule["ports"]):
-            grpc_rules.append(rule)
-            assert rule["from"] == [{"podSelector": {"matchLabels": SEARCH_LABELS}}]
-            assert [p["port"] for p in rule["ports"]] == [50051]
-    assert len(grpc_rules) == 1
-    # The search pods carry the labels the policy admits.
-    search_pod = objects(overlay, "Deployment")["imagesearch-search"]["spec"]["template"]
-    assert SEARCH_LABELS.items() <= search_pod["metadata"]["labels"].items()
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_autoscalers_and_budgets_cover_both_deployments(overlay):
-    deployments = objects(overlay, "Deployment")
-    for name, d in deployments.items():
-        assert "replicas" not in d["spec"], f"{name}: the autoscaler owns the replica count"
-    hpas = objects(overlay, "HorizontalPodAutoscaler")
-    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == set(deployments)
-    for h in hpas.values():
-        assert 1 <= h["spec"]["minReplicas"] <= h["spec"]["maxReplicas"]
-    pdbs = objects(overlay, "PodDisruptionBudget")
-    selectors = [p["spec"]["selector"]["matchLabels"] for p in pdbs.values()]
-    assert sorted(selectors, key=str) == sorted(
-        [d["spec"]["selector"]["matchLabels"] for d in deployments.values()], key=str)
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_are_marked_placeholders(overlay):
-    secrets = objects(overlay, "Secret")
-    assert set(secrets) == {"imagesearch-secrets", "imagesearch-tls"}
-    for secret in secrets.values():
-        assert all("PLACEHOLDER" in v.upper() for v in secret["stringData"].values())
-    assert set(secrets["imagesearch-secrets"]["stringData"]) == {"SEARCH_MILVUS_TOKEN"}
+    assert devices == {"cpu": "cpu", "gpu": "cuda", "tls": "cpu"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -266,169 +249,256 @@ def test_k8s_env_names_are_service_flags(overlay):
     names = set()
     for o in objects(overlay, "ConfigMap").values():
         names |= set(o["data"])
-    for o in objects(overlay, "Secret").values():
-        names |= set(o.get("stringData", {})) - {"tls.crt", "tls.key"}
+    for name in DEPLOYMENTS:
+        pod = pod_spec(overlay, name)
+        for c in pod["containers"] + pod.get("initContainers", []):
+            names |= {e["name"] for e in c.get("env", [])}
     unknown = service_env_names(names) - KNOWN_ENV
     assert not unknown, f"not a flag's environment twin: {sorted(unknown)}"
 
 
-# --- Dockerfiles -----------------------------------------------------------
+# --- TLS ---------------------------------------------------------------------
 
-def test_the_three_images_exist():
-    assert [p.name for p in DOCKERFILES] == [
-        "embedder-cpu.Dockerfile", "embedder-cuda.Dockerfile", "search.Dockerfile"]
-
-
-@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
-def test_dockerfile_is_multistage_pinned_non_root_and_healthchecked(path):
-    preamble, *built = stages(path)
-    args = dict(re.match(r"(\w+)=?(.*)", rest).groups() for word, rest in preamble if word == "ARG")
-    assert len(built) >= 2, "multi-stage: a builder and a runtime stage"
-    names = set()
-    for stage in built:
-        words = stage[0][1].split()
-        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], words[0])
-        if len(words) == 3 and words[1].upper() == "AS":
-            names.add(words[2])
-        if image in names:
-            continue
-        tag = image.rsplit("/", 1)[-1]
-        assert ":" in tag and not tag.endswith(":latest"), f"unpinned base image {image}"
-    final = dict(built[-1])  # the last of each instruction wins
-    assert any(w == "COPY" and r.startswith("--from=") for w, r in built[-1]), "runtime copies the build"
-    user = final["USER"].split(":")[0]
-    assert user not in ("root", "0") and user, "runs as a non-root user"
-    assert re.search(r"\bimgsearch health\b", final["HEALTHCHECK"])
-    entrypoint = json.loads(final["ENTRYPOINT"])
-    assert entrypoint[0] in console_scripts() - {"imgsearch"}
-    if "CMD" in final:
-        assert json.loads(final["CMD"])[0].startswith("-"), "CMD only passes flags"
-    for word, rest in dockerfile_instructions(path):
-        if word == "RUN" and "pip install" in rest:
-            assert "-c constraints.txt" in rest, f"unpinned pip install: {rest}"
+TLS_ENV = {
+    "imagesearch-embedder": {"EMBEDDER_TLS_CERT": "tls.crt", "EMBEDDER_TLS_KEY": "tls.key",
+                             "EMBEDDER_TLS_CLIENT_CA": "ca.crt"},
+    "imagesearch-search": {"SEARCH_TLS_CERT": "tls.crt", "SEARCH_TLS_KEY": "tls.key",
+                           "SEARCH_EMBEDDER_TLS_CA": "ca.crt", "SEARCH_EMBEDDER_TLS_CERT": "tls.crt",
+                           "SEARCH_EMBEDDER_TLS_KEY": "tls.key"},
+}
 
 
-def test_each_dockerfile_serves_its_own_service():
-    scripts = {p.name: json.loads(dict(stages(p)[-1])["ENTRYPOINT"])[0] for p in DOCKERFILES}
-    assert scripts == {"embedder-cpu.Dockerfile": "imgsearch-embedder",
-                       "embedder-cuda.Dockerfile": "imgsearch-embedder",
-                       "search.Dockerfile": "imgsearch-search"}
+def test_tls_overlay_serves_tls_only_on_grpc_while_probes_stay_plaintext():
+    certificates = objects("tls", "Certificate")
+    by_secret = {c["spec"]["secretName"]: c for c in certificates.values()}
+    issuers = objects("tls", "Issuer")
+    for cert in certificates.values():
+        assert cert["spec"]["issuerRef"]["name"] in issuers
+    for issuer in issuers.values():
+        if "ca" in issuer["spec"]:
+            assert by_secret[issuer["spec"]["ca"]["secretName"]]["spec"]["isCA"] is True
+    for name, wanted in TLS_ENV.items():
+        env = config_map("tls", name)
+        c = main_container("tls", name)
+        [mount] = [m for m in c["volumeMounts"] if m["name"] == "tls"]
+        assert mount["readOnly"] is True
+        [volume] = [v for v in pod_spec("tls", name)["volumes"] if v["name"] == "tls"]
+        assert "optional" not in volume["secret"], "a pod without its certificate must not start"
+        cert = by_secret[volume["secret"]["secretName"]]
+        assert cert["spec"]["isCA"] is not True if "isCA" in cert["spec"] else True
+        for key, file in wanted.items():
+            assert env[key] == f"{mount['mountPath']}/{file}", key
+        # The gRPC port is TLS-only now; the probes still reach the plaintext port.
+        assert c["readinessProbe"]["grpc"]["port"] == HEALTH_PORT != next(
+            p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    # The search service verifies the embedder by the host name it dials.
+    target = config_map("tls", "imagesearch-search")["SEARCH_EMBEDDER"]
+    host = re.fullmatch(r"dns:///([^:]+):\d+", target).group(1)
+    embedder_secret = next(v["secret"]["secretName"] for v in pod_spec("tls", "imagesearch-embedder")["volumes"]
+                           if v["name"] == "tls")
+    assert host in by_secret[embedder_secret]["spec"]["dnsNames"]
+    assert "server auth" in by_secret[embedder_secret]["spec"]["usages"]
+    # Mutual TLS: the embedder demands a client certificate, the search pods present one.
+    search_secret = next(v["secret"]["secretName"] for v in pod_spec("tls", "imagesearch-search")["volumes"]
+                         if v["name"] == "tls")
+    assert {"server auth", "client auth"} <= set(by_secret[search_secret]["spec"]["usages"])
+    assert "imagesearch-search" in by_secret[search_secret]["spec"]["dnsNames"]
 
 
-def test_dockerignore_sends_only_what_the_images_copy():
-    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    assert {".git", ".venv"} <= set(lines)
-    assert not any(line.startswith("!") and re.search(r"\.git|\.venv", line) for line in lines)
-    assert lines[0] == "*", "an allowlist: deny everything, allow back what the build copies"
-    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    for path in DOCKERFILES:
-        for word, rest in dockerfile_instructions(path):
-            if word == "COPY" and not rest.startswith("--"):
-                for source in shlex.split(rest)[:-1]:
-                    assert source.rstrip("/") in allowed, f"{path.name} copies {source}, which .dockerignore drops"
-                    assert (ROOT / source).exists(), source
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_plain_overlays_have_no_tls(overlay):
+    for name in DEPLOYMENTS:
+        assert not set(TLS_ENV[name]) & set(config_map(overlay, name))
+        assert all(v["name"] != "tls" for v in pod_spec(overlay, name)["volumes"])
 
 
-# --- docker compose --------------------------------------------------------
+# --- model delivery ----------------------------------------------------------
 
-def test_compose_schema_is_the_vendored_one():
-    assert hashlib.sha256(COMPOSE_SCHEMA.read_bytes()).hexdigest() == COMPOSE_SCHEMA_SHA256
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_model_comes_from_the_shared_cache_at_a_pinned_revision(overlay):
+    pod = pod_spec(overlay, "imagesearch-embedder")
+    main = pod["containers"][0]
+    [init] = pod["initContainers"]
+    assert init["image"] == main["image"], "the fetcher runs the same huggingface_hub"
+    env = config_map(overlay, "imagesearch-embedder")
+    assert re.fullmatch(r"[0-9a-f]{40}", env["EMBEDDER_MODEL_REVISION"]), "a commit, not a branch"
+    assert env["HF_HOME"] == "/models"
+    script = " ".join(init["args"])
+    assert '--revision "$EMBEDDER_MODEL_REVISION"' in script and "hf download" in script
+    assert "touch" in script, "a marker records a complete download"
+    assert {"name": "HF_HUB_OFFLINE", "value": "1"} in main["env"]
+    assert not any(e["name"] == "HF_HUB_OFFLINE" for e in init.get("env", []))
+    mounts = {c["name"]: {m["name"]: m for m in c["volumeMounts"]} for c in (main, init)}
+    assert mounts[main["name"]]["models"]["mountPath"] == "/models"
+    assert mounts[main["name"]]["models"]["readOnly"] is True
+    assert not mounts[init["name"]]["models"].get("readOnly", False)
+    [volume] = [v for v in pod["volumes"] if v["name"] == "models"]
+    pvc = objects(overlay, "PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "pods on several nodes share it"
+    # The same weights in compose.
+    compose_env = compose()["services"]["embedder"]["environment"]
+    assert env["EMBEDDER_MODEL_REVISION"] in compose_env["EMBEDDER_MODEL_REVISION"]
 
 
-def test_compose_file_validates_against_the_compose_specification():
-    schema = json.loads(COMPOSE_SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(compose()), key=lambda e: list(e.path))
-    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+# --- scaling -----------------------------------------------------------------
 
-
-def test_compose_services_are_healthchecked_and_start_in_order():
-    services = compose()["services"]
-    assert {"etcd", "minio", "milvus", "embedder", "embedder-cpu", "search"} == set(services)
-    for name, service in services.items():
-        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
-        for dep, condition in service.get("depends_on", {}).items():
-            assert dep in services, f"{name} -> {dep}"
-            assert condition["condition"] == "service_healthy", f"{name} -> {dep}"
-    assert set(services["milvus"]["depends_on"]) == {"etcd", "minio"}
-    assert set(services["search"]["depends_on"]) == {"milvus", "embedder", "embedder-cpu"}
-    for ours in ("embedder", "embedder-cpu", "search"):
-        assert services[ours]["healthcheck"]["test"][1:3] == ["imgsearch", "health"]
-
-
-def test_compose_volumes_are_named():
-    doc = compose()
-    declared = set(doc["volumes"])
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_embedder_scales_on_queue_metrics_it_exports_search_on_cpu(overlay):
+    deployments = objects(overlay, "Deployment")
+    for name, d in deployments.items():
+        assert "replicas" not in d["spec"], f"{name}: the autoscaler owns the replica count"
+    [scaled] = objects(overlay, "ScaledObject").values()
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "imagesearch-embedder"
+    hpas = objects(overlay, "HorizontalPodAutoscaler")
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"imagesearch-search"}
     used = set()
-    for name, service in doc["services"].items():
-        for volume in service.get("volumes", []):
-            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
-            assert source in declared, f"{name}: {source} is not a named volume"
-            used.add(source)
-    assert used == declared
+    for trigger in scaled["spec"]["triggers"]:
+        series = promql_series(trigger["metadata"]["query"])
+        assert series and series <= exported_series(), series - exported_series()
+        used |= series
+        # The namespace the docs deploy to (docs/deploy.md: -n imagesearch).
+        assert 'namespace="imagesearch"' in trigger["metadata"]["query"]
+    assert {"embedder_queue_items", "embedder_queue_wait_seconds_bucket"} <= used
+    expected = (1, 4) if overlay == "gpu" else (2, 6)
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == expected
+    pdbs = objects(overlay, "PodDisruptionBudget")
+    assert sorted([p["spec"]["selector"]["matchLabels"] for p in pdbs.values()], key=str) == sorted(
+        [d["spec"]["selector"]["matchLabels"] for d in deployments.values()], key=str)
 
 
-def test_compose_images_are_pinned():
-    for name, service in compose()["services"].items():
-        image = service["image"]
-        tag = image.rsplit("/", 1)[-1]
-        assert ":" in tag and not tag.endswith(":latest"), f"{name}: {image}"
-        if "build" in service:
-            assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_both_deployments_spread_over_zones_and_nodes(overlay):
+    for name, d in objects(overlay, "Deployment").items():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        constraints = d["spec"]["template"]["spec"]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in constraints} == {"topology.kubernetes.io/zone",
+                                                          "kubernetes.io/hostname"}
+        for c in constraints:
+            assert c["labelSelector"]["matchLabels"].items() <= labels.items(), name
+            assert c["labelSelector"]["matchLabels"] == d["spec"]["selector"]["matchLabels"]
 
 
-def test_compose_profiles_pick_one_embedder_behind_one_alias():
-    services = compose()["services"]
-    embedders = {name: s for name, s in services.items() if "profiles" in s}
-    assert {tuple(s["profiles"]) for s in embedders.values()} == {("gpu",), ("cpu",)}
-    for name, s in embedders.items():
-        assert s["networks"]["default"]["aliases"] == ["embedder"], name
-        assert s["volumes"] == ["models:/models"] and s["environment"]["HF_HOME"] == "/models"
-        assert s["environment"]["EMBEDDER_METRICS_PORT"] == "9101"
-        assert "127.0.0.1:9101:9101" in s["ports"]
-        # Optional dependencies: only the active profile's embedder exists.
-        assert services["search"]["depends_on"][name]["required"] is False
-    gpu = next(s for s in embedders.values() if s["profiles"] == ["gpu"])
-    assert gpu["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert gpu["environment"]["EMBEDDER_DEVICE"] == "cuda"
-    assert "cuda" in gpu["build"]["dockerfile"]
-    # GPU is the default: .env sets COMPOSE_PROFILES, which --profile replaces.
-    dotenv = dict(line.split("=", 1) for line in (ROOT / ".env").read_text().splitlines()
-                  if line and not line.startswith("#"))
-    assert dotenv == {"COMPOSE_PROFILES": "gpu"}
-    for name in ("etcd", "minio", "milvus", "search"):
-        assert "profiles" not in services[name], f"{name} runs in every profile"
+# --- services and network policies ------------------------------------------
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_headless_services_for_client_side_balancing(overlay):
+    services = objects(overlay, "Service")
+    assert services["imagesearch-embedder"]["spec"]["clusterIP"] == "None"
+    assert services["imagesearch-embedder"]["spec"]["selector"] == EMBEDDER_LABELS
+    assert services["imagesearch-search"]["spec"].get("clusterIP") != "None"
+    assert services["imagesearch-search-headless"]["spec"]["clusterIP"] == "None"
+    for name in ("imagesearch-search", "imagesearch-search-headless"):
+        assert services[name]["spec"]["selector"] == SEARCH_LABELS
+        assert [p["port"] for p in services[name]["spec"]["ports"]] == [50052]
+    search_env = config_map(overlay, "imagesearch-search")
+    assert search_env["SEARCH_EMBEDDER"] == "dns:///imagesearch-embedder:50051"
+    assert search_env["SEARCH_MILVUS_URI"].startswith("http://")
+    for name in DEPLOYMENTS:
+        refs = {e["configMapRef"]["name"] for e in main_container(overlay, name)["envFrom"]
+                if "configMapRef" in e}
+        assert refs and refs <= set(objects(overlay, "ConfigMap")), name
 
 
-def test_compose_search_talks_to_the_embedder_alias_and_milvus():
-    env = compose()["services"]["search"]["environment"]
-    assert env["SEARCH_EMBEDDER"] == "embedder:50051"
-    assert env["SEARCH_MILVUS_URI"] == "http://milvus:19530"
-    assert env["SEARCH_DATA_DIR"] == "/data"
-    assert env["SEARCH_METRICS_PORT"] == "9102"
-    assert "127.0.0.1:9102:9102" in compose()["services"]["search"]["ports"]
+def policy_rules(policy: dict, direction: str):
+    peers = "from" if direction == "ingress" else "to"
+    for rule in policy["spec"].get(direction, []):
+        assert rule.get("ports"), "a rule without ports opens every port"
+        assert rule.get(peers), f"a rule without {peers} admits every peer"
+        yield rule[peers], {(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]}
 
 
-def test_compose_env_names_are_service_flags():
-    names = set()
-    for service in compose()["services"].values():
-        names |= set(service.get("environment", {}))
-    unknown = service_env_names(names) - KNOWN_ENV
-    assert not unknown, f"not a flag's environment twin: {sorted(unknown)}"
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_search_pods_reach_the_embedder_grpc_port(overlay):
+    policy = objects(overlay, "NetworkPolicy")["imagesearch-embedder"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == EMBEDDER_LABELS
+    grpc = [peers for peers, ports in policy_rules(policy, "ingress") if ("TCP", 50051) in ports]
+    assert grpc == [[{"podSelector": {"matchLabels": SEARCH_LABELS}}]]
+    opened = set().union(*(ports for _, ports in policy_rules(policy, "ingress")))
+    assert opened == {("TCP", 50051), ("TCP", 9101)}
 
 
-# --- Milvus cluster values -------------------------------------------------
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_search_policy_admits_clients_and_reaches_only_its_dependencies(overlay):
+    policy = objects(overlay, "NetworkPolicy")["imagesearch-search"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == SEARCH_LABELS
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    opened = set().union(*(ports for _, ports in policy_rules(policy, "ingress")))
+    assert opened == {("TCP", 50052), ("TCP", 9102)}
+    egress = list(policy_rules(policy, "egress"))
+    reached = set().union(*(ports for _, ports in egress))
+    assert reached == {("TCP", 50051), ("TCP", 19530), ("UDP", 53), ("TCP", 53)}
+    [embedder] = [peers for peers, ports in egress if ("TCP", 50051) in ports]
+    assert embedder == [{"podSelector": {"matchLabels": EMBEDDER_LABELS}}]
+    # Milvus's namespace is the one SEARCH_MILVUS_URI names.
+    milvus_host = urlparse(config_map(overlay, "imagesearch-search")["SEARCH_MILVUS_URI"]).hostname
+    [milvus] = [peers for peers, ports in egress if ("TCP", 19530) in ports]
+    assert milvus == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": milvus_host.split(".")[1]}}}]
 
-def test_milvus_values_run_cluster_mode_on_the_tested_server_version():
-    values = yaml.safe_load((DEPLOY / "milvus" / "values-distributed.yaml").read_text())
-    assert values["cluster"]["enabled"] is True
-    assert values["etcd"]["replicaCount"] == 3
-    assert values["minio"]["mode"] == "distributed"
-    assert values["pulsar"]["enabled"] is True
-    for component in ("proxy", "queryNode", "dataNode", "indexNode"):
-        assert values[component]["replicas"] >= 1
-        assert values[component]["resources"]["limits"]["memory"]
-    compose_milvus = compose()["services"]["milvus"]["image"]
-    assert compose_milvus == f"{values['image']['all']['repository']}:{values['image']['all']['tag']}"
+
+# --- monitoring --------------------------------------------------------------
+
+def monitoring(kind: str) -> dict:
+    [obj] = [o for o in render("monitoring") if o["kind"] == kind]
+    return obj
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_monitoring_renders_and_validates(version):
+    assert {o["kind"] for o in render("monitoring")} == {"ConfigMap", "PodMonitor", "PrometheusRule"}
+    for obj in render("monitoring"):
+        validate(obj, version)
+
+
+def test_pod_monitor_scrapes_the_metrics_port_of_both_services():
+    spec = monitoring("PodMonitor")["spec"]
+    for overlay in OVERLAYS:
+        for name, d in objects(overlay, "Deployment").items():
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            assert spec["selector"]["matchLabels"].items() <= labels.items(), name
+            ports = {p["name"] for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]}
+            assert {e["port"] for e in spec["podMetricsEndpoints"]} <= ports
+
+
+def test_alerts_cover_readiness_errors_a_full_queue_and_milvus_on_real_metrics():
+    rules = {r["alert"]: r for g in monitoring("PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    used = set()
+    for name, rule in rules.items():
+        series = promql_series(rule["expr"])
+        unknown = series - exported_series() - EXTERNAL_SERIES
+        assert series and not unknown, f"{name} reads {sorted(unknown)}, which nothing exports"
+        used |= series
+    exprs = " ".join(r["expr"] for r in rules.values())
+    assert "kube_pod_status_ready" in exprs                      # readiness
+    assert "grpc_server_handled_total" in exprs                  # error ratio
+    assert "embedder_queue_items" in exprs                       # a queue that stays full
+    assert 'search_dependency_up{dependency="milvus"}' in exprs  # Milvus unavailable
+    # The saturation threshold is 80% of the queue bound the manifests set.
+    max_queue = config_map("cpu", "imagesearch-embedder")["EMBEDDER_MAX_QUEUE"]
+    assert f"0.8 * {max_queue}" in rules["ImagesearchEmbedderQueueSaturated"]["expr"]
+
+
+def test_dashboard_charts_only_metrics_that_exist():
+    dashboard_map = monitoring("ConfigMap")
+    assert dashboard_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboard_map["data"]["imagesearch.json"])
+    assert dashboard == json.loads((K8S / "monitoring" / "dashboard.json").read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) >= 10
+    charted = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            series = promql_series(target["expr"])
+            assert series and series <= exported_series(), (panel["title"], series - exported_series())
+            assert 'namespace="$namespace"' in target["expr"], panel["title"]
+            charted |= series
+    # Every family the services export is on the dashboard (bar the _created twins).
+    families = {re.sub(r"_(bucket|sum|count|total|created|info)$", "", s) for s in exported_series()}
+    shown = {re.sub(r"_(bucket|sum|count|total|created|info)$", "", s) for s in charted}
+    missing = families - shown
+    assert not missing, f"exported but not charted: {sorted(missing)}"
+
+
+def test_docs_deploy_to_the_namespace_the_scaling_queries_name():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert "-n imagesearch" in docs
