@@ -143,7 +143,9 @@ def _upsert_request(name: str, rows: list[Row], schema: dict) -> milvus_pb2.Upse
     column = request.fields_data.add(field_name="uri", type=DataType.VARCHAR)
     column.scalars.string_data.data.extend([row.uri for row in rows])
     column = request.fields_data.add(field_name="metadata", type=DataType.JSON)
-    column.scalars.json_data.data.extend([json.dumps(row.metadata).encode() for row in rows])
+    # Raw UTF-8, as pymilvus sends it: the 2.3 server's filters match no \u escapes.
+    column.scalars.json_data.data.extend(
+        [json.dumps(row.metadata, ensure_ascii=False).encode() for row in rows])
     return request
 
 
