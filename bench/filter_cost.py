@@ -65,7 +65,7 @@ def measure(store: MilvusStore, rows: int, repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    from tests.services import MilvusServer
+    from bench.harness import MilvusServer
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=2000)

@@ -42,7 +42,7 @@ def summary(seconds: list[float]) -> dict:
 
 
 def main() -> None:
-    from tests.services import start_embedder
+    from bench.harness import start_embedder
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="checkpoint (default: random-weight ViT-B/32)")

@@ -148,7 +148,7 @@ _STAGES = {  # stage -> (which service, metric, labels)
 
 def totals(services: dict) -> dict[str, tuple[float, float]]:
     """(seconds, calls) so far per stage, from both services' metrics."""
-    from tests.services import metric, scrape_url
+    from bench.harness import metric, scrape_url
     samples = {name: scrape_url(service.metrics_url) for name, service in services.items()}
     return {stage: (metric(samples[where], f"{name}_sum", **labels),
                     metric(samples[where], f"{name}_count", **labels))
@@ -163,7 +163,7 @@ def profile(before: dict, after: dict) -> dict:
 
 
 def main() -> None:
-    from tests.services import MilvusServer, start_embedder, start_search
+    from bench.harness import MilvusServer, start_embedder, start_search
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vectors", type=int, default=100_000)

@@ -132,7 +132,7 @@ def soak(address: str, pids: dict[str, int], rate: float, seconds: float, warmup
 
 
 def main() -> None:
-    from tests.services import TEST_MODEL, start_embedder, start_search
+    from bench.harness import TEST_MODEL, start_embedder, start_search
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10)

@@ -34,7 +34,7 @@ from bench.random_clip import write as write_random_clip
 from embedder_service.device_images import DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import decode_image
-from tests.services import ROOT, TEST_MODEL, MilvusServer, Service, free_port, metric, scrape
+from bench.harness import ROOT, TEST_MODEL, MilvusServer, Service, free_port, metric, scrape
 
 
 class MemorySampler:

@@ -9,10 +9,10 @@ import pytest
 
 from imagesearch.client import EmbedderClient, SearchClient
 from imagesearch.v1 import search_pb2_grpc
-from tests.services import MilvusServer, eventually, imgsearch, start_embedder, start_search
+from tests.services import (EVAL_PER_LABEL, MilvusServer, eventually, imgsearch, start_embedder,
+                            start_search)
 
 EVAL_SEED = 7  # never used for training (tools/train_test_model.py)
-EVAL_PER_LABEL = 10
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imagesearch.client import EmbedderClient
-from tests.integration.test_bad_input import CORRUPT
+from tests.inputs import CORRUPT
 from tests.services import ROOT, start_embedder
 
 PHOTOS = [p.read_bytes() for p in sorted((ROOT / "tests" / "fixtures" / "photos").glob("*.jpg"))]

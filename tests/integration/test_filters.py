@@ -11,8 +11,7 @@ import pytest
 from imagesearch.client import IngestItem, IngestResult
 from imagesearch.synthetic import LABELS, caption
 from imagesearch.v1 import search_pb2
-from tests.conftest import EVAL_PER_LABEL
-from tests.services import imgsearch, photo, status_of
+from tests.services import EVAL_PER_LABEL, imgsearch, photo, status_of
 
 # Values that would break or widen a naively concatenated expression, and
 # characters that are wildcards in LIKE patterns.

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from imagesearch.health import status
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2
-from tests.unit.test_fuzz import filters, mutated_images
+from tests.inputs import filters, mutated_images
 
 RPC_FUZZ = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

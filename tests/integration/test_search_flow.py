@@ -15,8 +15,7 @@ from imagesearch.cli import find_images
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import LABELS, caption
 from imagesearch.v1 import search_pb2, search_pb2_grpc
-from tests.conftest import EVAL_PER_LABEL
-from tests.services import imgsearch, photo, start_search
+from tests.services import EVAL_PER_LABEL, imgsearch, photo, start_search
 
 
 def test_ingest_summary(ingested):

@@ -7,60 +7,22 @@
 (tests/integration/test_fuzz_rpc.py sends random requests to the services.)"""
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from embedder_service.preprocess import ImageDecodeError, Preprocessor, decode_image
 from imagesearch.v1 import search_pb2
 from search_service.errors import InvalidArgument
 from search_service.filters import build
 from search_service.validation import Query
+from tests.inputs import filters, mutated_images, texts
 from tests.services import TEST_MODEL
 
 PREPROCESSOR = Preprocessor.from_pretrained(TEST_MODEL)
 FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
-
-
-def _seed_files() -> list[bytes]:
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    out = []
-    for fmt, mode in [("PNG", "RGB"), ("JPEG", "RGB"), ("GIF", "P"), ("WEBP", "RGB"),
-                      ("BMP", "RGB"), ("TIFF", "RGB"), ("PNG", "RGBA"), ("PNG", "I;16")]:
-        image = Image.fromarray(pixels).convert("RGBA" if mode == "RGBA" else "RGB")
-        if mode == "P":
-            image = image.convert("P")
-        elif mode == "I;16":
-            image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)
-        buffer = io.BytesIO()
-        image.save(buffer, format=fmt)
-        out.append(buffer.getvalue())
-    return out
-
-
-SEEDS = _seed_files()
-
-
-@st.composite
-def mutated_images(draw) -> bytes:
-    data = bytearray(draw(st.sampled_from(SEEDS)))
-    for _ in range(draw(st.integers(0, 8))):
-        op = draw(st.sampled_from(["flip", "cut", "splice", "insert"]))
-        at = draw(st.integers(0, max(len(data) - 1, 0)))
-        if op == "flip" and data:
-            data[at] ^= draw(st.integers(1, 255))
-        elif op == "cut":
-            del data[at:at + draw(st.integers(1, 64))]
-        elif op == "splice":
-            data[at:at + 4] = draw(st.binary(min_size=4, max_size=4))
-        else:
-            data[at:at] = draw(st.binary(max_size=32))
-    return bytes(data)
 
 
 def _check_decodes_or_refuses(data: bytes) -> None:
@@ -85,11 +47,6 @@ def test_damaged_images_decode_or_are_refused(data):
     _check_decodes_or_refuses(data)
 
 
-texts = st.text(max_size=40)
-filters = st.builds(
-    lambda metadata, prefix: search_pb2.Filter(
-        metadata={k: search_pb2.AnyOf(values=v) for k, v in metadata.items()}, uri_prefix=prefix),
-    st.dictionaries(texts, st.lists(texts, max_size=4), max_size=4), texts)
 
 
 @FUZZ
