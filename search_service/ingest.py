@@ -198,8 +198,9 @@ class IngestPipeline:
                     raise InvalidArgument(f"message {number} names a collection: set "
                                           "`collection` in the first message only")
                 for entry in request.items:
-                    await queue.put(Item(index, entry.image, entry.uri, dict(entry.metadata)),
-                                    len(entry.image))
+                    image = entry.image  # each read of a bytes field copies it
+                    await queue.put(Item(index, image, entry.uri, dict(entry.metadata)),
+                                    len(image))
                     index += 1
                 try:
                     request = await asyncio.wait_for(anext(rest, None), self._idle_s)
