@@ -18,7 +18,6 @@ Every RPC passes through `RpcInterceptor`, which
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.metadata
 import contextvars
 import inspect
@@ -30,7 +29,6 @@ import uuid
 import grpc
 from prometheus_client import Counter, Histogram, Info, start_http_server
 
-from imagesearch import tracing
 from imagesearch.flags import exit_startup
 from imagesearch.handlers import rebuild
 
@@ -52,11 +50,9 @@ _SERVER_SIDE = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCo
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata that carries the current request id (and trace context, when
-    tracing is on) to another service."""
-    carrier: dict[str, str] = {}
-    tracing.inject(carrier)
-    return ((REQUEST_ID_KEY, request_id.get()), *carrier.items())
+    """Metadata that carries the current request id to another service (the
+    trace context, when tracing is on, is added by tracing's interceptors)."""
+    return ((REQUEST_ID_KEY, request_id.get()),)
 
 
 def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
@@ -80,20 +76,14 @@ class _Call:
         self.metadata = dict(metadata or ())
         self.rid = self.metadata.get(REQUEST_ID_KEY) or uuid.uuid4().hex
         self.started = time.perf_counter()
-        self._span = contextlib.ExitStack()
 
     def begin(self, context: grpc.aio.ServicerContext) -> contextvars.Token:
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.rid),))
-        token = request_id.set(self.rid)
-        self.span = self._span.enter_context(
-            tracing.server_span(f"{self.service}/{self.method}", self.metadata))
-        return token
+        return request_id.set(self.rid)
 
     def end(self, context: grpc.aio.ServicerContext, exc: BaseException | None,
             token: contextvars.Token) -> None:
         code = _code(context, exc)
-        tracing.finish(self.span, code.name)
-        self._span.close()
         seconds = time.perf_counter() - self.started
         if self.service != _HEALTH:
             HANDLED.labels(self.service, self.method, code.name).inc()

@@ -30,6 +30,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from imagesearch import tracing
 from imagesearch.channels import channel_options
 from imagesearch.flags import ServerConfig, exit_startup
 from imagesearch.observability import RpcInterceptor, start_metrics
@@ -63,7 +64,8 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     """
     start_metrics(config.metrics_port, config.host, name)
     server = grpc.aio.server(
-        interceptors=[RpcInterceptor(), *([TokenAuthInterceptor(tokens)] if tokens else [])],
+        interceptors=[*tracing.server_interceptors(), RpcInterceptor(),
+                      *([TokenAuthInterceptor(tokens)] if tokens else [])],
         options=channel_options(config.max_message_mb << 20) + [
             ("grpc.max_connection_age_ms", _MAX_CONNECTION_AGE_MS),
             ("grpc.max_connection_age_grace_ms", int(config.grace_s * 1000)),

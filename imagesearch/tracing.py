@@ -6,22 +6,25 @@ OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) is set and OTEL_SDK_DISABLED is not
 variables (OTEL_SERVICE_NAME, OTEL_EXPORTER_OTLP_INSECURE, OTEL_BSP_*, ...)
 apply as usual. It needs the `tracing` extra: pip install 'imagesearch[tracing]'.
 
-Every RPC gets a SERVER span, continued from the caller's `traceparent`
-metadata (W3C trace context); every embedder call from the search service
-gets a CLIENT span whose context travels on in the call's metadata.
+The spans come from opentelemetry-instrumentation-grpc, so they follow
+OpenTelemetry's RPC conventions (rpc.system, rpc.service, rpc.method,
+rpc.grpc.status_code; a server span is an error only for server-side
+codes, never for the caller's INVALID_ARGUMENT): a SERVER span per RPC,
+continued from the caller's `traceparent` metadata, and a CLIENT span per
+call to another service, whose context travels on in that call's metadata.
+Health checks make no spans.
 """
 from __future__ import annotations
 
-import contextlib
+import importlib
 import logging
 import os
-from typing import Iterator
 
 from imagesearch.flags import exit_startup
 
 log = logging.getLogger(__name__)
 
-_tracer = None  # set by setup() when tracing is on
+_on = False  # set by setup() when the environment asks for tracing
 
 
 def enabled_by_environment() -> bool:
@@ -32,7 +35,7 @@ def enabled_by_environment() -> bool:
 
 def setup(service_name: str) -> None:
     """Start exporting spans if the environment asks for it."""
-    global _tracer
+    global _on
     if not enabled_by_environment():
         return
     try:
@@ -41,6 +44,7 @@ def setup(service_name: str) -> None:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        importlib.import_module("opentelemetry.instrumentation.grpc")  # missing: fail now
     except ImportError as exc:
         exit_startup(f"OTEL_EXPORTER_OTLP_ENDPOINT is set, but OpenTelemetry is not installed "
                      f"({exc.name}): pip install 'imagesearch[tracing]', or unset it")
@@ -48,47 +52,27 @@ def setup(service_name: str) -> None:
     provider = TracerProvider(resource=resource)  # flushes its spans at exit
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
-    _tracer = trace.get_tracer("imagesearch")
+    _on = True
     log.info("tracing on: spans go to %s", os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
              or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
 
 
-@contextlib.contextmanager
-def server_span(method: str, metadata: dict[str, str]) -> Iterator[object | None]:
-    """A SERVER span for one RPC, child of the caller's span if it sent one."""
-    if _tracer is None:
-        yield None
-        return
-    from opentelemetry import propagate
-    from opentelemetry.trace import SpanKind
-    with _tracer.start_as_current_span(method, context=propagate.extract(metadata),
-                                       kind=SpanKind.SERVER, record_exception=False,
-                                       set_status_on_exception=False) as span:
-        yield span
+def _not_health():
+    from opentelemetry.instrumentation.grpc import filters
+    return filters.negate(filters.health_check())
 
 
-def finish(span: object | None, code_name: str) -> None:
-    """Record the gRPC status on a span from server_span."""
-    if span is not None:
-        from opentelemetry.trace import Status, StatusCode
-        span.set_attribute("rpc.grpc.status_code", code_name)
-        if code_name != "OK":
-            span.set_status(Status(StatusCode.ERROR, code_name))
+def server_interceptors() -> list:
+    """For grpc.aio.server(interceptors=...): first, so its span covers the rest."""
+    if not _on:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor
+    return [aio_server_interceptor(filter_=_not_health())]
 
 
-@contextlib.contextmanager
-def client_span(method: str) -> Iterator[None]:
-    """A CLIENT span around a call to another service."""
-    if _tracer is None:
-        yield
-        return
-    from opentelemetry.trace import SpanKind
-    with _tracer.start_as_current_span(method, kind=SpanKind.CLIENT):
-        yield
-
-
-def inject(carrier: dict[str, str]) -> None:
-    """Put the current trace context into outgoing metadata."""
-    if _tracer is not None:
-        from opentelemetry import propagate
-        propagate.inject(carrier)
+def client_interceptors() -> list:
+    """For a grpc.aio channel to another service of ours."""
+    if not _on:
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+    return aio_client_interceptors(filter_=_not_health())

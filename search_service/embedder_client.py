@@ -127,8 +127,10 @@ class EmbedderClient:
         self._timeout_s = timeout_s
         self._max_message_bytes = max_message_bytes
         options = channel_options(max_message_bytes) + _RECONNECT + _BALANCING
-        self._channel = grpc.aio.secure_channel(target, credentials, options) if credentials \
-            else grpc.aio.insecure_channel(target, options)
+        interceptors = tracing.client_interceptors()
+        self._channel = grpc.aio.secure_channel(target, credentials, options,
+                                                interceptors=interceptors) if credentials \
+            else grpc.aio.insecure_channel(target, options, interceptors=interceptors)
         self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
         # EncodeImage with a request already in wire form (`_image_request`).
         self._raw = {"EncodeImage": self._channel.unary_unary(
@@ -163,21 +165,20 @@ class EmbedderClient:
     async def _call(self, method: str, request, context: grpc.aio.ServicerContext | None):
         timeout = self._timeout(context)
         started, code = time.perf_counter(), "OK"
-        with tracing.client_span(f"{_SERVICE}/{method}"):
-            try:
-                call = self._raw[method] if isinstance(request, bytes) else \
-                    getattr(self._stub, method)
-                return await call(request, timeout=timeout, metadata=outgoing_metadata())
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code().name
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout == self._timeout_s:
-                    # Our own limit ran out, not the caller's deadline: the
-                    # embedder is too slow or unreachable, and a retry may help.
-                    raise DependencyUnavailable(f"embedder at {self._target} did not answer "
-                                                f"within {self._timeout_s:g} s") from exc
-                raise self._error(exc) from exc
-            finally:
-                CALLS.labels(method, code).observe(time.perf_counter() - started)
+        try:
+            call = self._raw[method] if isinstance(request, bytes) else \
+                getattr(self._stub, method)
+            return await call(request, timeout=timeout, metadata=outgoing_metadata())
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout == self._timeout_s:
+                # Our own limit ran out, not the caller's deadline: the
+                # embedder is too slow or unreachable, and a retry may help.
+                raise DependencyUnavailable(f"embedder at {self._target} did not answer "
+                                            f"within {self._timeout_s:g} s") from exc
+            raise self._error(exc) from exc
+        finally:
+            CALLS.labels(method, code).observe(time.perf_counter() - started)
 
     async def _encode(self, method: str, request, count: int, expect: ModelIdentity | None,
                       context):

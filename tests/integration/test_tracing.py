@@ -9,9 +9,18 @@ from concurrent import futures
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 
 from imagesearch.client import SearchClient
 from tests.services import eventually, start_embedder, start_search
+
+
+KIND_SERVER, KIND_CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
+STATUS_ERROR = trace_pb2.Status.STATUS_CODE_ERROR
+
+
+def attributes(span) -> dict:
+    return {a.key: getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes}
 
 
 class Collector(trace_service_pb2_grpc.TraceServiceServicer):
@@ -48,18 +57,32 @@ def test_one_trace_from_search_into_the_embedder(collector, tmp_path):
     try:
         with SearchClient(search.address) as client:
             client.search_text("a photo of a red circle", top_k=1)
-        wanted = [("imagesearch-search", "imagesearch.v1.ImageSearchService/SearchByText"),
-                  ("imagesearch-search", "imagesearch.v1.EmbedderService/EncodeText"),
-                  ("imagesearch-embedder", "imagesearch.v1.EmbedderService/EncodeText")]
+            with pytest.raises(grpc.RpcError):
+                client.search_text("a photo", top_k=0)  # the caller's mistake
+        wanted = [("imagesearch-search", "/imagesearch.v1.ImageSearchService/SearchByText", KIND_SERVER),
+                  ("imagesearch-search", "/imagesearch.v1.EmbedderService/EncodeText", KIND_CLIENT),
+                  ("imagesearch-embedder", "/imagesearch.v1.EmbedderService/EncodeText", KIND_SERVER)]
 
-        def named() -> dict:
-            return {(service, span.name): span for service, span in list(spans.spans)}
-        eventually(lambda: all(key in named() for key in wanted), 10)  # spans arrive in batches
-        server, client_call, remote = (named()[key] for key in wanted)
-        assert server.trace_id == client_call.trace_id == remote.trace_id
-        assert client_call.parent_span_id == server.span_id
+        def named() -> dict:  # the first span of each (service, name, kind)
+            found = {}
+            for service, span in list(spans.spans):
+                found.setdefault((service, span.name, span.kind), []).append(span)
+            return found
+        # spans arrive in batches; two searches, one of them encoded
+        eventually(lambda: all(key in named() for key in wanted)
+                   and len(named()[wanted[0]]) == 2, 10)
+        (ok, refused), [client_call], [remote] = (named()[key] for key in wanted)
+        if attributes(ok)["rpc.grpc.status_code"]:
+            ok, refused = refused, ok
+        assert ok.trace_id == client_call.trace_id == remote.trace_id
+        assert client_call.parent_span_id == ok.span_id
         assert remote.parent_span_id == client_call.span_id  # continued from the metadata
-        assert {a.key: a.value.string_value for a in remote.attributes}["rpc.grpc.status_code"] == "OK"
+        assert attributes(remote) == {**attributes(remote), "rpc.system": "grpc",
+                                      "rpc.service": "imagesearch.v1.EmbedderService",
+                                      "rpc.method": "EncodeText", "rpc.grpc.status_code": 0}
+        assert attributes(refused)["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert refused.status.code != STATUS_ERROR  # a client error is not the server's
+        assert not any("Health" in span.name for _, span in spans.spans)
     finally:
         assert search.stop() == 0 and embedder.stop() == 0
 
