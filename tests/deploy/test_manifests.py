@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from urllib.parse import urlparse
 
 import kubernetes_validate
@@ -502,3 +503,31 @@ def test_dashboard_charts_only_metrics_that_exist():
 def test_docs_deploy_to_the_namespace_the_scaling_queries_name():
     docs = (ROOT / "docs" / "deploy.md").read_text()
     assert "-n imagesearch" in docs
+
+
+def test_fetch_model_script_downloads_once_per_revision_and_only_when_complete(tmp_path):
+    """The init container's own script, run by sh with a stand-in `hf` on PATH
+    that logs its arguments (exit status from $HF_FAILS)."""
+    [init] = pod_spec("cpu", "imagesearch-embedder")["initContainers"]
+    assert init["command"] == ["sh", "-c"]
+    models, bin_dir, log = tmp_path / "models", tmp_path / "bin", tmp_path / "hf.log"
+    models.mkdir()
+    bin_dir.mkdir()
+    (bin_dir / "hf").write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit "${{HF_FAILS:-0}}"\n')
+    (bin_dir / "hf").chmod(0o755)
+    script = init["args"][0].replace("/models/", f"{models}/")
+
+    def run(revision: str, fails: int = 0) -> int:
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_FAILS": str(fails),
+               "EMBEDDER_MODEL": "openai/clip-vit-base-patch32", "EMBEDDER_MODEL_REVISION": revision}
+        return subprocess.run(["sh", "-c", script], env=env, capture_output=True, timeout=30).returncode
+
+    def calls() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    assert run("a" * 40, fails=1) != 0 and len(calls()) == 1   # a failed download...
+    assert not list(models.glob(".complete-*"))                  # ...leaves no marker
+    assert run("a" * 40) == 0 and len(calls()) == 2
+    assert calls()[-1].startswith("download openai/clip-vit-base-patch32 --revision " + "a" * 40)
+    assert run("a" * 40) == 0 and len(calls()) == 2             # cached: the hub is not asked
+    assert run("b" * 40) == 0 and len(calls()) == 3             # a new revision is fetched
