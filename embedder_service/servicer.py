@@ -19,8 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from PIL import Image
 
 from embedder_service.batcher import Batcher, Expired, QueueFull, Reservation
@@ -30,6 +28,7 @@ from embedder_service.model import ClipEncoder
 from embedder_service.model_health import ModelHealth
 from embedder_service.preprocess import declared_cost
 from embedder_service.workers import PreprocessPool, tasks
+from imagesearch.status import abort_bad_request
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,21 +41,6 @@ def _bad_items_message(kind: str, bad: list[tuple[int, str]]) -> str:
     listed = "; ".join(f"{kind}[{i}]: {why}" for i, why in bad[:_MAX_LISTED])
     more = f"; and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
     return f"{len(bad)} bad item(s): {listed}{more}"
-
-
-async def _bad_request(context: grpc.aio.ServicerContext, message: str,
-                       violations: list[tuple[str, str]]) -> None:
-    """INVALID_ARGUMENT with `message` for people and, for programs, a
-    google.rpc.BadRequest detail listing each (field, why): no parsing of
-    the message needed (AIP-193)."""
-    detail = any_pb2.Any()
-    detail.Pack(error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=field, description=why)
-        for field, why in violations]))
-    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message, details=[detail])
-    trailing = (*(context.trailing_metadata() or ()),
-                ("grpc-status-details-bin", status.SerializeToString()))
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=trailing)
 
 
 def _row_chunks(parts: list, size: int) -> list[list]:
@@ -129,11 +113,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
 
     async def _check_count(self, kind: str, count: int, context: grpc.aio.ServicerContext) -> None:
         if count == 0:
-            await _bad_request(context, f"no {kind} in the request", [(kind, "empty")])
+            await abort_bad_request(context, f"no {kind} in the request", [(kind, "empty")])
         if count > self._config.max_batch_items:
             why = (f"{count} {kind} in one request; the limit is "
                    f"{self._config.max_batch_items}: split the request")
-            await _bad_request(context, why, [(kind, why)])
+            await abort_bad_request(context, why, [(kind, why)])
 
     async def _encode(self, batcher: Batcher, chunks: list[tuple[object, int]],
                       context: grpc.aio.ServicerContext,
@@ -174,7 +158,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         await self._check_count("texts", len(texts), context)
         bad = [(i, "empty or only whitespace") for i, t in enumerate(texts) if not t.strip()]
         if bad:
-            await _bad_request(context, _bad_items_message("texts", bad),
+            await abort_bad_request(context, _bad_items_message("texts", bad),
                                [(f"texts[{i}]", why) for i, why in bad])
         size = self._config.batch_size
         chunks = [texts[start:start + size] for start in range(0, len(texts), size)]
@@ -216,7 +200,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
                                     "deadline passed while decoding")
             if errors and not request.allow_partial:
                 bad = sorted(errors.items())
-                await _bad_request(context, _bad_items_message("images", bad),
+                await abort_bad_request(context, _bad_items_message("images", bad),
                                    [(f"images[{i}]", why) for i, why in bad])
             vectors = np.zeros((0, self._identity.dim), dtype=np.float32)
             if order:

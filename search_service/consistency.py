@@ -43,11 +43,12 @@ def decode(token: bytes) -> int:
         return 0
     if len(token) != struct.calcsize(_FORMAT) or token[0] != _VERSION:
         raise InvalidArgument("consistency_token is malformed: pass the token of a write's "
-                              "response unchanged, or none")
+                              "response unchanged, or none", "consistency_token")
     _, timestamp = struct.unpack(_FORMAT, token)
     ahead_ms = (timestamp >> _LOGICAL_BITS) - time.time() * 1000
     if ahead_ms > _MAX_AHEAD_MS:
         raise InvalidArgument(f"consistency_token is {ahead_ms / 1000:.0f} s in the future: it was "
-                              "not made by this deployment's Milvus; pass a token from this one")
+                              "not made by this deployment's Milvus; pass a token from this one",
+                              "consistency_token")
     return timestamp
 

@@ -13,7 +13,13 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
+    """The caller's mistake; `field` names the request field at fault (as a
+    google.rpc.BadRequest field violation), or is empty for the whole message."""
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class CollectionNotFound(ServiceError):

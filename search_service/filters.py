@@ -31,12 +31,12 @@ def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _literal(text: str, what: str) -> str:
-    """`text` from the caller, checked, as a literal."""
+def _literal(text: str, what: str, field: str) -> str:
+    """`text` from the caller (request field `field`), checked, as a literal."""
     if not 1 <= len(text.encode()) <= MAX_TEXT_BYTES:
-        raise InvalidArgument(f"filter: {what} must be 1 to {MAX_TEXT_BYTES} bytes")
+        raise InvalidArgument(f"filter: {what} must be 1 to {MAX_TEXT_BYTES} bytes", field)
     if _CONTROL.search(text):
-        raise InvalidArgument(f"filter: {what} {text[:80]!r} contains a control character")
+        raise InvalidArgument(f"filter: {what} {text[:80]!r} contains a control character", field)
     return _quote(text)
 
 
@@ -56,22 +56,25 @@ def _successor(prefix: str) -> str | None:
 def build(flt: search_pb2.Filter) -> str:
     """The expression for `flt`; "" when it matches everything."""
     if len(flt.metadata) > MAX_KEYS:
-        raise InvalidArgument(f"filter: {len(flt.metadata)} metadata keys; the limit is {MAX_KEYS}")
+        raise InvalidArgument(f"filter: {len(flt.metadata)} metadata keys; the limit is {MAX_KEYS}",
+                              "filter.metadata")
     total = sum(len(set(any_of.values)) for any_of in flt.metadata.values())
     if total > MAX_VALUES:
         raise InvalidArgument(f"filter: {total} metadata values in all; the limit is "
                               f"{MAX_VALUES}, since each is a comparison on every row: narrow "
-                              "the filter, or store a coarser label to match on")
+                              "the filter, or store a coarser label to match on", "filter.metadata")
     clauses = []
     for key in sorted(flt.metadata):
         values = list(dict.fromkeys(flt.metadata[key].values))
         if not values:
-            raise InvalidArgument(f"filter: metadata key {key[:80]!r} has no values to match")
-        field = f"metadata[{_literal(key, 'metadata key')}]"
-        equalities = [f"{field} == {_literal(v, f'value of {key[:80]!r}')}" for v in values]
+            raise InvalidArgument(f"filter: metadata key {key[:80]!r} has no values to match",
+                                  "filter.metadata")
+        field = f"metadata[{_literal(key, 'metadata key', 'filter.metadata')}]"
+        equalities = [f"{field} == {_literal(v, f'value of {key[:80]!r}', 'filter.metadata')}"
+                      for v in values]
         clauses.append(equalities[0] if len(equalities) == 1 else f"({' or '.join(equalities)})")
     if flt.uri_prefix:
-        clauses.append(f"uri >= {_literal(flt.uri_prefix, 'uri_prefix')}")
+        clauses.append(f"uri >= {_literal(flt.uri_prefix, 'uri_prefix', 'filter.uri_prefix')}")
         upper = _successor(flt.uri_prefix)
         if upper is not None:
             clauses.append(f"uri < {_quote(upper)}")

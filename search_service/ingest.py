@@ -196,7 +196,7 @@ class IngestPipeline:
             while True:
                 if number and request.collection:
                     raise InvalidArgument(f"message {number} names a collection: set "
-                                          "`collection` in the first message only")
+                                          "`collection` in the first message only", "collection")
                 for entry in request.items:
                     image = entry.image  # each read of a bytes field copies it
                     await queue.put(Item(index, image, entry.uri, dict(entry.metadata)),

@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from imagesearch.status import abort_bad_request
 from imagesearch.v1 import embedder_pb2, search_pb2, search_pb2_grpc
 from search_service import consistency, validation
 from search_service.embedder_client import EmbedderClient
@@ -36,8 +37,16 @@ def _answers_errors(method):
         try:
             return await method(self, request, context)
         except ServiceError as exc:
-            await context.abort(exc.code, str(exc))
+            await _abort(context, exc)
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
+    """End the call with the status of `exc`; a mistake in a named field also
+    comes as a google.rpc.BadRequest detail."""
+    if isinstance(exc, InvalidArgument) and exc.field:
+        await abort_bad_request(context, str(exc), [(exc.field, str(exc))])
+    await context.abort(exc.code, str(exc))
 
 
 def _model(identity: ModelIdentity) -> embedder_pb2.ModelIdentity:
@@ -131,19 +140,19 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
     @_answers_errors
     async def SearchByText(self, request, context):
         if not request.query.strip():
-            raise InvalidArgument("query is empty: give the text to search for")
+            raise InvalidArgument("query is empty: give the text to search for", "query")
         return await self._search(request, context, lambda model: self._embedder.encode_text(
             request.query, model, context), search_pb2.SearchByTextResponse)
 
     @_answers_errors
     async def SearchByImage(self, request, context):
         if not request.image:
-            raise InvalidArgument("image is empty: send the bytes of an image file")
+            raise InvalidArgument("image is empty: send the bytes of an image file", "image")
 
         async def encode(model: ModelIdentity | None):
             [vector], _ = await self._embedder.encode_images([request.image], model, context)
             if isinstance(vector, str):
-                raise InvalidArgument(f"image: {vector}")
+                raise InvalidArgument(f"image: {vector}", "image")
             return vector
         return await self._search(request, context, encode, search_pb2.SearchByImageResponse)
 
@@ -180,4 +189,4 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             async for response in pipeline.run(first, requests):
                 yield response
         except ServiceError as exc:
-            await context.abort(exc.code, str(exc))
+            await _abort(context, exc)

@@ -20,7 +20,8 @@ def collection(name: str, default: str) -> str:
     name = name or default
     if not _COLLECTION_NAME.fullmatch(name):
         raise InvalidArgument(f"collection name {name!r} is invalid: use letters, digits and "
-                              "underscores, starting with a letter or underscore, at most 255")
+                              "underscores, starting with a letter or underscore, at most 255",
+                              "collection")
     return name
 
 
@@ -30,16 +31,18 @@ class Query:
     def __init__(self, request) -> None:
         self.top_k = request.top_k
         if not 1 <= self.top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}")
+            raise InvalidArgument(f"top_k must be between 1 and {MAX_TOP_K}, got {self.top_k}",
+                                  "top_k")
         self.offset = request.offset
         if self.offset < 0:
-            raise InvalidArgument(f"offset must be 0 or more, got {self.offset}")
+            raise InvalidArgument(f"offset must be 0 or more, got {self.offset}", "offset")
         if self.top_k + self.offset > MAX_RESULT_WINDOW:
             raise InvalidArgument(f"top_k + offset must be at most {MAX_RESULT_WINDOW}, got "
-                                  f"{self.top_k + self.offset}")
+                                  f"{self.top_k + self.offset}", "offset")
         self.min_score = request.min_score if request.HasField("min_score") else None
         if self.min_score is not None and not -1.0 <= self.min_score <= 1.0:  # NaN fails too
-            raise InvalidArgument(f"min_score must be between -1 and 1, got {self.min_score}")
+            raise InvalidArgument(f"min_score must be between -1 and 1, got {self.min_score}",
+                                  "min_score")
         self.expr = filters.build(request.filter)
         self.after = consistency.decode(request.consistency_token)
         # One hit more than asked, where Milvus allows, says whether a next page exists.
@@ -48,13 +51,13 @@ class Query:
 
 def delete_ids(ids: list[str]) -> list[str]:
     if not ids:
-        raise InvalidArgument("no ids to delete")
+        raise InvalidArgument("no ids to delete", "ids")
     if len(ids) > MAX_DELETE_IDS:
-        raise InvalidArgument(f"{len(ids)} ids in one request; the limit is {MAX_DELETE_IDS}")
+        raise InvalidArgument(f"{len(ids)} ids in one request; the limit is {MAX_DELETE_IDS}", "ids")
     for i, id_ in enumerate(ids):
         if not _IMAGE_ID.fullmatch(id_):
             raise InvalidArgument(f"ids[{i}] = {id_[:80]!r} is not an image id "
-                                  "(64 lowercase hex characters, as Ingest returns)")
+                                  "(64 lowercase hex characters, as Ingest returns)", f"ids[{i}]")
     return ids
 
 

@@ -27,11 +27,13 @@ def still_serving(request, embedder):
     """After every case, the servers it used answer a normal request
     correctly. Only cases that use the search service run once per Milvus
     backend (the `search` fixture is parametrised); embedder cases run once."""
+    uses_search = {"search", "search_stub", "search_service"} & set(request.fixturenames)
+    search = request.getfixturevalue("search") if uses_search else None
     yield
     vectors = embedder.encode_texts(["a photo of a red circle"])
     assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-4)
-    if {"search", "search_stub", "search_service"} & set(request.fixturenames):
-        hits = request.getfixturevalue("search").search_text("a photo of a red circle", top_k=1)
+    if search is not None:
+        hits = search.search_text("a photo of a red circle", top_k=1)
         assert len(hits) <= 1  # and it answered: a failed call raises
 
 
@@ -59,19 +61,25 @@ def test_encode_image_rejects(embedder_stub, images, needles):
         assert needle in error.details()
 
 
+def field_violations(error: grpc.RpcError) -> dict[str, str]:
+    """{field: why} from the error's google.rpc.BadRequest detail; the status
+    in it repeats the message."""
+    status = status_pb2.Status.FromString(dict(error.trailing_metadata())["grpc-status-details-bin"])
+    assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], error.details())
+    request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(request)
+    return {v.field: v.description for v in request.field_violations}
+
+
 def test_bad_items_come_as_field_violations(embedder_stub):
     """Besides the message, a google.rpc.BadRequest names each bad item, and
     the request id still comes back."""
     error = status_of(embedder_stub.EncodeImage, embedder_pb2.EncodeImageRequest(
         images=[b"plain text, not an image", photo(), b""]))
-    trailing = dict(error.trailing_metadata())
-    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
-    assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], error.details())
-    request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(request)
-    assert [v.field for v in request.field_violations] == ["images[0]", "images[2]"]
-    assert request.field_violations[1].description == "empty image bytes"
-    assert trailing["x-request-id"]
+    violations = field_violations(error)
+    assert list(violations) == ["images[0]", "images[2]"]
+    assert violations["images[2]"] == "empty image bytes"
+    assert dict(error.trailing_metadata())["x-request-id"]
 
 
 def test_too_many_items(embedder_stub, embedder):
@@ -125,6 +133,24 @@ def test_delete_rejects(search_stub, request_, code, needle):
     error = status_of(search_stub.Delete, request_)
     assert error.code().name == code
     assert needle in error.details()
+
+
+@pytest.mark.parametrize("method, request_, field", [
+    ("SearchByText", search_pb2.SearchByTextRequest(query=" ", top_k=5), "query"),
+    ("SearchByText", search_pb2.SearchByTextRequest(query="x", top_k=0), "top_k"),
+    ("SearchByText", search_pb2.SearchByTextRequest(query="x", top_k=5, offset=-1), "offset"),
+    ("SearchByText", search_pb2.SearchByTextRequest(query="x", top_k=5, filter=search_pb2.Filter(
+        uri_prefix="a\x00")), "filter.uri_prefix"),
+    ("SearchByText", search_pb2.SearchByTextRequest(query="x", top_k=5, consistency_token=b"?"),
+     "consistency_token"),
+    ("SearchByImage", search_pb2.SearchByImageRequest(image=CORRUPT, top_k=3), "image"),
+    ("Delete", search_pb2.DeleteRequest(ids=["a" * 64, "nope"]), "ids[1]"),
+    ("GetStats", search_pb2.GetStatsRequest(collection="bad-name!"), "collection"),
+])
+def test_search_mistakes_name_their_field(search_stub, method, request_, field):
+    error = status_of(getattr(search_stub, method), request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(error) == {field: error.details()}
 
 
 def test_stats_of_unknown_collection(search_stub):
