@@ -9,7 +9,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 # The Milvus server wheel (58 MB) does not fit one carry with the rest: an
 # earlier call on the same warm machine installs it into /tmp/milvus-site.
-# With it, the suite also measures ingest into a Milvus server, scaled out.
+# With it, the suite also measures ingest into a Milvus server through one
+# search process and through one deployment of SEARCH_BENCH_WORKERS (default
+# 8) worker processes on one port (--workers).
 if [ -d /tmp/milvus-site/bin ]; then
   export PYTHONPATH=$PYTHONPATH:/tmp/milvus-site PATH=/tmp/milvus-site/bin:$PATH
 fi

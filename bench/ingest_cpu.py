@@ -48,14 +48,14 @@ def free_port() -> int:
 class Proc:
     """`python -m MODULE ARGS` on a free loopback port, logging to a file."""
 
-    def __init__(self, module: str, args: list[str], log: Path) -> None:
+    def __init__(self, module: str, args: list[str], log: Path, cwd: Path = ROOT) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = log
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port), *args],
-                cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
+                cwd=cwd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=out,
                 stderr=subprocess.STDOUT)
 
     def ready(self, timeout_s: float = 300) -> "Proc":
@@ -181,6 +181,10 @@ def main() -> None:
     parser.add_argument("--embedder-args", default="--preprocess-workers 2 --max-queue 100000",
                         help="extra embedder flags")
     parser.add_argument("--search-args", default="", help="extra search-service flags")
+    parser.add_argument("--baseline", type=Path,
+                        help="also run, first, a single-process search service from this "
+                             "checkout of an earlier commit (e.g. `git archive COMMIT | tar -x "
+                             "-C DIR`), so before and after come from one run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
@@ -190,7 +194,8 @@ def main() -> None:
         "command": " ".join(["python -m bench.ingest_cpu", *sys.argv[1:]]),
         "commit": args.commit or commit(), "date": datetime.date.today().isoformat(),
         "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
-        "load_average_at_start": load_average()}, "settings": {}}
+        "load_average_at_start": load_average(),
+        "baseline": str(args.baseline) if args.baseline else None}, "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
@@ -198,13 +203,16 @@ def main() -> None:
         try:
             loadgen.run(target="EncodeImage", server=embedder.address, concurrency=args.clients,
                         batch=args.batch, duration_s=2, jpegs=jpegs, warmup_s=0)  # warm-up
-            for workers in args.workers:
+            settings = [("baseline", 1)] if args.baseline else []
+            settings += [(f"workers_{workers}", workers) for workers in args.workers]
+            for name, workers in settings:
                 search = Proc("search_service", ["--embedder", embedder.address, "--data-dir",
-                                                 str(work / f"data-{workers}"),
+                                                 str(work / f"data-{name}"),
                                                  *(["--workers", str(workers)] if workers != 1 else []),
                                                  "--ingest-batch",
                                                  str(args.ingest_batch), *args.search_args.split()],
-                              work / f"search-{workers}.log").ready()
+                              work / f"search-{name}.log",
+                              cwd=args.baseline if name == "baseline" else ROOT).ready()
                 runs = []
                 try:
                     loadgen.run(target="Ingest", server=search.address, concurrency=args.clients,
@@ -219,10 +227,10 @@ def main() -> None:
                     code = search.stop()
                 ratios = sorted(r["ratio"] for r in runs)
                 per_image = sorted(r["ingest"]["search_cpu_us_per_image"]["total"] for r in runs)
-                out["settings"][f"workers_{workers}"] = {
+                out["settings"][name] = {
                     "runs": runs, "exit_code": code, "ratio_median": ratios[len(ratios) // 2],
                     "search_cpu_us_per_image_median": per_image[len(per_image) // 2]}
-                print(json.dumps(out["settings"][f"workers_{workers}"], indent=1), flush=True)
+                print(json.dumps(out["settings"][name], indent=1), flush=True)
         finally:
             out["meta"]["exit_embedder"] = embedder.stop()
     out["meta"]["load_average_at_end"] = load_average()

@@ -171,10 +171,17 @@ def _cpu_s(stat: Path) -> float:
 
 
 def cpu_seconds(pid: int) -> dict:
-    """CPU seconds of a process (Milvus Lite runs inside the search service's)
-    and of its main thread, the event loop."""
-    return {"total": _cpu_s(Path(f"/proc/{pid}/stat")),
-            "event_loop": _cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))}
+    """CPU seconds of a process and its children (--workers; Milvus Lite runs
+    inside a search process), and of their main threads (the event loops)."""
+    from bench.ingest_cpu import tree
+    total = loops = 0.0
+    for each in tree(pid):
+        try:
+            total += _cpu_s(Path(f"/proc/{each}/stat"))
+            loops += _cpu_s(Path(f"/proc/{each}/task/{each}/stat"))
+        except OSError:  # gone meanwhile
+            pass
+    return {"total": total, "event_loop": loops}
 
 
 def ingest(searches: list[Service], jpegs: list[bytes], seconds: float, streams: int) -> dict:
@@ -203,32 +210,32 @@ def ingest(searches: list[Service], jpegs: list[bytes], seconds: float, streams:
     return result
 
 
-def ingest_on_server(embedder: str, work: Path, jpegs: list[bytes], seconds: float) -> dict:
-    """Ingest into a Milvus standalone server through 1 and 3 search replicas
-    sharing one port (gRPC sets SO_REUSEPORT): the scale-out path, which a
-    Milvus Lite file (one process) cannot take."""
+def ingest_on_server(embedder: str, work: Path, jpegs: list[bytes], seconds: float,
+                     workers: int = 8) -> dict:
+    """Ingest into a Milvus standalone server through one search process, then
+    through one search deployment of `workers` worker processes sharing its
+    port (--workers; gRPC sets SO_REUSEPORT): the scale-out path, which a
+    Milvus Lite file (served by one process) cannot take."""
     (work / "milvus-server").mkdir(exist_ok=True)
     server = MilvusServer(work / "milvus-server").wait_ready()
     out = {}
     try:
-        for replicas in (1, 3):
-            port = free_port()
-            searches = [Service("search_service", ["--embedder", embedder, "--milvus-uri", server.uri,
-                                                   "--collection", f"bench{replicas}",
-                                                   "--ingest-batch", "256"],
-                                work / f"search-server-{replicas}-{i}.log", port=port)
-                        for i in range(replicas)]
-            try:  # a health check on the shared port reaches any one of them: read each log
-                deadline = time.monotonic() + 120
-                while not all("listening on" in search.log() for search in searches):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("search replicas did not start")
-                    time.sleep(0.5)
-                searches[0].wait_ready(120)
-                guarded(out, f"replicas_{replicas}",
-                        lambda: ingest(searches, jpegs, seconds, streams=8 * replicas))
+        for count in dict.fromkeys((1, workers)):
+            search = Service("search_service", ["--embedder", embedder, "--milvus-uri", server.uri,
+                                                "--collection", f"bench{count}", "--workers",
+                                                str(count), "--ingest-batch", "256"],
+                             work / f"search-server-workers-{count}.log")
+            try:  # a health check on the shared port reaches any one worker: read the log
+                deadline = time.monotonic() + 180
+                while search.log().count("listening on") < count:
+                    if time.monotonic() > deadline or search.process.poll() is not None:
+                        raise RuntimeError(f"search workers did not start:\n{search.log()[-2000:]}")
+                    time.sleep(0.5)  # start-up announces itself only in the log
+                search.wait_ready(120)
+                guarded(out, f"workers_{count}",
+                        lambda: ingest([search], jpegs, seconds, streams=min(8 * count, 64)))
             finally:
-                out[f"exit_codes_{replicas}"] = [search.stop() for search in searches]
+                out[f"exit_code_workers_{count}"] = search.stop()
     finally:
         server.stop()
     return out
@@ -291,8 +298,8 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
     guarded(out, "ingest", lambda: ingest([search], jpegs, seconds, streams=8))
     out["exit_search"] = search.stop()
     if shutil.which("milvus-server"):
-        guarded(out, "ingest_milvus_server", lambda: ingest_on_server(embedder.address, work, jpegs,
-                                                                      seconds))
+        guarded(out, "ingest_milvus_server", lambda: ingest_on_server(
+            embedder.address, work, jpegs, seconds, int(os.environ.get("SEARCH_BENCH_WORKERS", "8"))))
     out["exit_embedder"] = embedder.stop()
     return out
 
