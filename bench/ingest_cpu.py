@@ -170,6 +170,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / "tests" / "fixtures" / "shapes-clip"))
+    parser.add_argument("--projection-dim", type=int, default=0,
+                        help="instead of --model, a random tiny CLIP (bench/random_clip.py) "
+                             "whose vectors are this wide (512: ViT-B/32's)")
     parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
     parser.add_argument("--rounds", type=int, default=2, help="EncodeImage/Ingest pairs per setting")
     parser.add_argument("--images", type=int, default=256, help="distinct photo JPEGs")
@@ -198,6 +201,11 @@ def main() -> None:
         "baseline": str(args.baseline) if args.baseline else None}, "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.projection_dim:
+            from bench.random_clip import write_tiny
+            args.model = str(write_tiny(work / "tiny-clip", args.projection_dim))
+        out["meta"]["model"] = args.model if not args.projection_dim else \
+            f"random tiny CLIP, {args.projection_dim}-d vectors"
         embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
                         work / "embedder.log").ready()
         try:

@@ -30,6 +30,26 @@ def write(out: Path, tokenizer_from: Path = TEST_MODEL) -> Path:
     return out
 
 
+def write_tiny(out: Path, projection_dim: int = 512, tokenizer_from: Path = TEST_MODEL) -> Path:
+    """A CLIP as cheap as the bundled test model (64 px, two narrow layers
+    per tower) whose vectors are `projection_dim` wide, as ViT-B/32's 512:
+    for measuring what the search service does per vector on a CPU."""
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                         num_hidden_layers=2, max_position_embeddings=77, vocab_size=49408),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=2,
+                           num_hidden_layers=2, image_size=64, patch_size=16),
+        projection_dim=projection_dim)
+    CLIPModel(config).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
+                       ).save_pretrained(out)
+    for name in tokenizer_from.iterdir():
+        if name.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            shutil.copy(name, out / name.name)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
