@@ -26,7 +26,7 @@ from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service import workers
 from search_service.config import SearchConfig, parse_config
 from search_service.embedder_client import EmbedderClient
-from search_service.errors import ServiceError
+from search_service.errors import ServiceError, UnsupportedMilvus
 from search_service.readiness import watch_dependencies
 from search_service.ingest import IngestSettings
 from search_service.servicer import ImageSearchServicer
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         store.connect()
     except ServiceError as exc:
-        if store.lite:  # a local file that cannot be opened will not heal by itself
+        # Neither a local file that cannot be opened nor a Milvus too old heals by itself.
+        if store.lite or isinstance(exc, UnsupportedMilvus):
             exit_startup(str(exc))
         log.warning("%s; serving anyway and reconnecting on each call", exc)
     log.info("Milvus: %s", store.uri)

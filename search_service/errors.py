@@ -34,6 +34,11 @@ class ModelMismatch(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class UnsupportedMilvus(ServiceError):
+    """A Milvus server older than the oldest this service works with."""
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DependencyUnavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from pymilvus.grpc_gen import milvus_pb2
 from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
 
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
-                                   ServiceError)
+                                   ServiceError, UnsupportedMilvus)
 from search_service.lite import PrivateLite
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,22 @@ def _upsert_request(name: str, rows: list[Row], schema: dict) -> milvus_pb2.Upse
     return request
 
 
+# The oldest server with everything used here: COSINE, JSON fields, upsert,
+# AllocTimestamp and "Customized" consistency with a guarantee timestamp.
+OLDEST_SERVER = (2, 3)
+
+
+def check_server_version(version: str) -> None:
+    """UnsupportedMilvus for a server older than OLDEST_SERVER; a version
+    that does not parse (a custom build) is let through."""
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if len(found) == 2 and found < OLDEST_SERVER:
+        raise UnsupportedMilvus(
+            f"Milvus {version} is older than {'.'.join(map(str, OLDEST_SERVER))}, the oldest "
+            "this service works with (it needs upsert and consistency by timestamp): upgrade "
+            "Milvus (docs/deploy.md, Compatibility)")
+
+
 def is_lite(uri: str) -> bool:
     """pymilvus's own rule: a local *.db file is Milvus Lite."""
     return uri.endswith(".db")
@@ -184,8 +201,12 @@ class MilvusStore:
                     if self.lite and self._lite is None and not self._lite_server:
                         self._lite = self._start_lite()
                     target = self._lite.uri if self._lite else self._lite_server or self.uri
-                    self._client = MilvusClient(uri=target,
-                                                token=self._token, timeout=self._timeout_s)
+                    client = MilvusClient(uri=target, token=self._token, timeout=self._timeout_s)
+                    if not self.lite:
+                        version = client.get_server_version()
+                        check_server_version(version)
+                        log.info("Milvus server %s at %s", version, self.uri)
+                    self._client = client
                 except (MilvusException, OSError) as exc:
                     raise DependencyUnavailable(
                         f"Milvus at {self.uri} is unavailable (connect): {_message(exc)}; "

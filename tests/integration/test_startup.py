@@ -227,6 +227,7 @@ def test_search_without_milvus_lite_serves_a_milvus_server(tmp_path, embedder_se
     assert "pip install 'imagesearch[lite]'" in lonely.log()
     search = start_search(tmp_path, embedder_service.address, "--milvus-uri", milvus_server.uri,
                           "--collection", "no_lite", env=NO_LITE).wait_ready()
+    assert "Milvus server v2.3.5" in search.log()  # the version it checked
     try:
         with SearchClient(search.address) as client:
             [result] = client.ingest([IngestItem(photo(5), "no-lite")])
