@@ -44,6 +44,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def blocked(model: EchoModel, max_queue: int) -> tuple[Batcher, asyncio.Task]:
+    """A batcher of one-item batches whose worker has taken a first request
+    and is held in the model (by `model`'s gate): later requests queue."""
+    batcher = make(model, max_batch=1, max_wait_s=0, max_queue=max_queue)
+    first = asyncio.create_task(batcher.submit([1], 1, None))
+    await until(lambda: model.entered.is_set())
+    return batcher, first
+
+
 def test_concurrent_requests_share_batches_and_get_their_own_rows():
     model = EchoModel()
 
@@ -84,9 +93,7 @@ def test_queue_full_is_refused_at_once():
     model = EchoModel(gate=gate)
 
     async def main():
-        batcher = make(model, max_batch=1, max_wait_s=0, max_queue=3)
-        first = asyncio.create_task(batcher.submit([1], 1, None))  # taken by the worker, blocked
-        await until(lambda: model.entered.is_set())
+        batcher, first = await blocked(model, max_queue=3)
         queued = [asyncio.create_task(batcher.submit([i], 1, None)) for i in (2, 3, 4)]
         await until(lambda: batcher.queued_items == 3)
         with pytest.raises(QueueFull, match="limit 3"):
@@ -141,9 +148,7 @@ def test_a_cancelled_caller_frees_its_queue_place_at_once():
     model = EchoModel(gate=gate)
 
     async def main():
-        batcher = make(model, max_batch=1, max_wait_s=0, max_queue=2)
-        busy = asyncio.create_task(batcher.submit([1], 1, None))  # taken by the worker, blocked
-        await until(lambda: model.entered.is_set())
+        batcher, busy = await blocked(model, max_queue=2)
         waiting = asyncio.create_task(batcher.submit([2, 3], 2, None))
         await until(lambda: batcher.queued_items == 2)
         waiting.cancel()
