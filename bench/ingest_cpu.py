@@ -188,6 +188,10 @@ def main() -> None:
                         help="also run, first, a single-process search service from this "
                              "checkout of an earlier commit (e.g. `git archive COMMIT | tar -x "
                              "-C DIR`), so before and after come from one run")
+    parser.add_argument("--milvus-server", action="store_true",
+                        help="write into a Milvus 2.3.5 standalone server (PyPI `milvus`) that "
+                             "this script starts, instead of Milvus Lite: the search processes' "
+                             "CPU is then the service's alone (Lite runs inside a search process)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
@@ -206,6 +210,11 @@ def main() -> None:
             args.model = str(write_tiny(work / "tiny-clip", args.projection_dim))
         out["meta"]["model"] = args.model if not args.projection_dim else \
             f"random tiny CLIP, {args.projection_dim}-d vectors"
+        server = None
+        if args.milvus_server:
+            from bench.harness import MilvusServer
+            (work / "milvus").mkdir()
+            server = MilvusServer(work / "milvus").wait_ready()
         embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
                         work / "embedder.log").ready()
         try:
@@ -217,8 +226,10 @@ def main() -> None:
                 search = Proc("search_service", ["--embedder", embedder.address, "--data-dir",
                                                  str(work / f"data-{name}"),
                                                  *(["--workers", str(workers)] if workers != 1 else []),
-                                                 "--ingest-batch",
-                                                 str(args.ingest_batch), *args.search_args.split()],
+                                                 "--ingest-batch", str(args.ingest_batch),
+                                                 *(["--milvus-uri", server.uri, "--collection",
+                                                    f"bench_{name}"] if server else []),
+                                                 *args.search_args.split()],
                               work / f"search-{name}.log",
                               cwd=args.baseline if name == "baseline" else ROOT).ready()
                 runs = []
@@ -241,6 +252,9 @@ def main() -> None:
                 print(json.dumps(out["settings"][name], indent=1), flush=True)
         finally:
             out["meta"]["exit_embedder"] = embedder.stop()
+            if server is not None:
+                server.stop()
+        out["meta"]["milvus"] = "Milvus 2.3.5 standalone server" if server else "Milvus Lite"
     out["meta"]["load_average_at_end"] = load_average()
     text = json.dumps(out, indent=2)
     print(text)
