@@ -242,13 +242,22 @@ def follow_parent(parent: int) -> None:
 def serve_metrics(port: int, host: str, directory: str, supervisor: Supervisor) -> None:
     """The workers' metrics, summed, and the parent's own, on http://HOST:PORT/metrics."""
     from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from imagesearch.flags import exit_startup
 
+    import importlib.metadata
+    try:
+        version = importlib.metadata.version("imagesearch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        version = "unknown"
+
     class _Parent:
         def collect(self):
+            # Info metrics do not work in multiprocess mode: the parent says it.
+            yield InfoMetricFamily("imagesearch_build", "What runs: the imagesearch version and "
+                                   "which server", value={"version": version, "server": "search"})
             yield GaugeMetricFamily("search_workers", "Live search worker processes",
                                     value=len(supervisor.pids))
             yield CounterMetricFamily("search_worker_restarts", "Workers that exited and were "

@@ -84,6 +84,8 @@ def test_two_workers_serve_ingest_and_search_on_one_port(two_workers):
 
     samples = scrape(two_workers)
     assert metric(samples, "search_workers") == 2
+    assert metric(samples, "imagesearch_build_info", server="search") == 1
+    assert metric(samples, "search_dependency_up", dependency="milvus") == 1
     # The workers' counters are summed: every one of those calls is counted once.
     per_worker = sum(metric(samples, "search_worker_rpcs_total", worker_pid=str(pid))
                      for pid in pids.values())
