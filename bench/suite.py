@@ -210,6 +210,17 @@ def ingest(searches: list[Service], jpegs: list[bytes], seconds: float, streams:
     return result
 
 
+def _wait_workers(search: Service, count: int, timeout_s: float = 180) -> None:
+    """Until each of `count` workers says it listens (health on the shared
+    port reaches any one of them), and the port answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    while search.log().count("listening on") < count:
+        if time.monotonic() > deadline or search.process.poll() is not None:
+            raise RuntimeError(f"search workers did not start:\n{search.log()[-2000:]}")
+        time.sleep(0.5)  # start-up announces itself only in the log
+    search.wait_ready(120)
+
+
 def ingest_on_server(embedder: str, work: Path, jpegs: list[bytes], seconds: float,
                      workers: int = 8) -> dict:
     """Ingest into a Milvus standalone server through one search process, then
@@ -225,13 +236,8 @@ def ingest_on_server(embedder: str, work: Path, jpegs: list[bytes], seconds: flo
                                                 "--collection", f"bench{count}", "--workers",
                                                 str(count), "--ingest-batch", "256"],
                              work / f"search-server-workers-{count}.log")
-            try:  # a health check on the shared port reaches any one worker: read the log
-                deadline = time.monotonic() + 180
-                while search.log().count("listening on") < count:
-                    if time.monotonic() > deadline or search.process.poll() is not None:
-                        raise RuntimeError(f"search workers did not start:\n{search.log()[-2000:]}")
-                    time.sleep(0.5)  # start-up announces itself only in the log
-                search.wait_ready(120)
+            try:
+                _wait_workers(search, count)
                 guarded(out, f"workers_{count}",
                         lambda: ingest([search], jpegs, seconds, streams=min(8 * count, 64)))
             finally:
@@ -297,6 +303,15 @@ def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
     search.wait_ready(120)
     guarded(out, "ingest", lambda: ingest([search], jpegs, seconds, streams=8))
     out["exit_search"] = search.stop()
+    # The same through --workers on Milvus Lite: the parent serves the Lite
+    # file to the workers, so Lite (one process) bounds what they add.
+    workers = int(os.environ.get("SEARCH_BENCH_WORKERS", "8"))
+    search = Service("search_service", ["--embedder", embedder.address, "--data-dir",
+                                        str(work / "data-workers"), "--ingest-batch", "256",
+                                        "--workers", str(workers)], work / "search-workers.log")
+    guarded(out, f"ingest_lite_workers_{workers}", lambda: (
+        _wait_workers(search, workers), ingest([search], jpegs, seconds, streams=8 * workers))[1])
+    out["exit_search_workers"] = search.stop()
     if shutil.which("milvus-server"):
         guarded(out, "ingest_milvus_server", lambda: ingest_on_server(
             embedder.address, work, jpegs, seconds, int(os.environ.get("SEARCH_BENCH_WORKERS", "8"))))
