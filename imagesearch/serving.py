@@ -98,9 +98,9 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
             credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
         except SecurityConfigError as exc:  # checked at start (check_tls); changed since
             exit_startup(f"{name}: {exc}")
-        port = server.add_secure_port(config.address, credentials)
+        port = _bind(lambda: server.add_secure_port(config.address, credentials))
     else:
-        port = server.add_insecure_port(config.address)
+        port = _bind(lambda: server.add_insecure_port(config.address))
     if port == 0:
         exit_startup(f"{name}: cannot listen on {config.address} (port in use or bad address): "
                      "pick another --port")
@@ -145,12 +145,21 @@ async def _start_health_only(config: ServerConfig, name: str,
         return None
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if server.add_insecure_port(f"{config.host}:{config.health_port}") == 0:
+    if _bind(lambda: server.add_insecure_port(f"{config.host}:{config.health_port}")) == 0:
         exit_startup(f"{name}: cannot listen on {config.host}:{config.health_port} (port in use "
                      "or bad address): pick another --health-port")
     await server.start()
     log.info("%s health checks in plaintext on %s:%d", name, config.host, config.health_port)
     return server
+
+
+def _bind(add: Callable[[], int]) -> int:
+    """The port `add` bound, or 0 when it could not: grpcio raises
+    RuntimeError where older releases returned 0 (a port in use)."""
+    try:
+        return add()
+    except RuntimeError:
+        return 0
 
 
 async def _follow(watch: Callable[[], AsyncIterator[bool]],

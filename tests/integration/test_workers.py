@@ -9,6 +9,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -214,3 +215,21 @@ def test_bad_worker_settings_exit_2(tmp_path, args, env, message):
                          timeout=60, env={**os.environ, **env})
     assert run.returncode == 2, run.stderr
     assert message in run.stderr
+
+
+def test_a_port_in_use_stops_the_workers_and_the_parent_with_2(tmp_path, embedder_service):
+    """A worker that cannot start (exit 2) would fail the same way again:
+    the parent stops the others and exits 2 instead of replacing it forever."""
+    with socket.socket() as taken:  # no SO_REUSEPORT: nobody may share it
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "search_service", "--host", "127.0.0.1",
+                              "--port", str(port), "--workers", "2", "--metrics-port", "0",
+                              "--embedder", embedder_service.address,
+                              "--data-dir", str(tmp_path)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "cannot listen on" in run.stderr
+    assert "exited with status 2" in run.stderr
+    assert "replacing it" not in run.stderr
