@@ -1,7 +1,13 @@
 """Ingest beside EncodeImage on the same images, and what ingest costs the search service.
 
-    python -m bench.ingest_cpu --model tests/fixtures/shapes-clip --seconds 20 \
-        --workers 1 2 --json docs/bench/ingest-cpu-2core.json
+    python -m bench.ingest_cpu --seconds 10 --rounds 3 --workers 1 2 \
+        --baseline /tmp/base --json docs/bench/ingest-cpu-2core-64d.json
+    python -m bench.ingest_cpu --projection-dim 512 --milvus-server ...
+
+(`--baseline DIR`: a checkout of an earlier commit, `git archive COMMIT |
+tar -x -C DIR`, run first; `--projection-dim 512`: vectors as wide as
+ViT-B/32's from a cheap random model; `--milvus-server`: a Milvus 2.3.5
+standalone server instead of Lite.)
 
 Starts one embedder and, for each `--workers` value, one search service
 (Milvus Lite under its data directory) as separate processes on loopback,
@@ -14,8 +20,8 @@ Lite, which runs inside a search process) per ingested image, and the share
 of that spent on the main thread (the event loop of a single-process
 service). Ratios compare runs of the same invocation, back to back.
 
-This script starts its own processes (it does not use the test helpers) and
-never a Milvus server.
+This script starts its own processes (it does not use the test helpers),
+and a Milvus server only with `--milvus-server`.
 """
 from __future__ import annotations
 
