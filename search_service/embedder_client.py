@@ -38,6 +38,7 @@ from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from search_service.errors import (DeadlineExceeded, DependencyUnavailable, ModelMismatch,
                                    Overloaded, ServiceError)
 from search_service.store import ModelIdentity
+from search_service.wire import field_one_header
 
 log = logging.getLogger(__name__)
 CALLS = Histogram("search_embedder_call_seconds",
@@ -95,16 +96,6 @@ def _vectors(response) -> list[np.ndarray | str]:
     return [item.error or np.frombuffer(item.vector, dtype="<f4") for item in response.embeddings]
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
-
-
 _ALLOW_PARTIAL = embedder_pb2.EncodeImageRequest(allow_partial=True).SerializeToString()
 
 
@@ -115,7 +106,7 @@ def _image_request(images: list[bytes]) -> bytes:
     (`images`) is length-delimited: tag 0x0A, the length, the bytes."""
     parts = [_ALLOW_PARTIAL]
     for image in images:
-        parts += (b"\x0a" + _varint(len(image)), image)
+        parts += (field_one_header(len(image)), image)
     return b"".join(parts)
 
 

@@ -45,6 +45,7 @@ from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
                                    ServiceError, UnsupportedMilvus)
 from search_service.lite import PrivateLite
+from search_service.wire import field_one_header
 
 log = logging.getLogger(__name__)
 MILVUS_CALLS = Histogram("search_milvus_call_seconds",
@@ -118,16 +119,6 @@ def chunks(rows: list[Row], max_bytes: int) -> list[list[Row]]:
     return out
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        if not n:
-            out.append(low)
-            return bytes(out)
-        out.append(low | 0x80)
-
-
 def _upsert_request(name: str, rows: list[Row], schema: dict) -> milvus_pb2.UpsertRequest:
     """Milvus's UpsertRequest for `rows`, built column by column. The vector
     column is parsed from its wire form, a packed run of little-endian
@@ -140,7 +131,7 @@ def _upsert_request(name: str, rows: list[Row], schema: dict) -> milvus_pb2.Upse
     column = request.fields_data.add(field_name="vector", type=DataType.FLOAT_VECTOR)
     column.vectors.dim = vectors.shape[1]
     packed = vectors.tobytes()
-    column.vectors.float_vector.MergeFromString(b"\x0a" + _varint(len(packed)) + packed)
+    column.vectors.float_vector.MergeFromString(field_one_header(len(packed)) + packed)
     column = request.fields_data.add(field_name="uri", type=DataType.VARCHAR)
     column.scalars.string_data.data.extend([row.uri for row in rows])
     column = request.fields_data.add(field_name="metadata", type=DataType.JSON)
