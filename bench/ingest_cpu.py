@@ -27,32 +27,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench import loadgen
-import itertools
-
+from bench.harness import ROOT, free_port
 from bench.photos import make_jpegs, unique
 from imagesearch.health import wait_serving
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Proc:
-    """`python -m MODULE ARGS` on a free loopback port, logging to a file."""
+    """`python -m MODULE ARGS` on a free loopback port, logging to a file:
+    not harness.Service, whose flags (--health-port) an earlier checkout
+    run by --baseline may not have."""
 
     def __init__(self, module: str, args: list[str], log: Path, cwd: Path = ROOT) -> None:
         self.port = free_port()
