@@ -40,7 +40,8 @@ import numpy as np
 from prometheus_client import Histogram
 from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.grpc_gen import milvus_pb2
-from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError
+from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchException, ParamError,
+                                 SchemaMismatchRetryableException)
 
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
                                    ServiceError, UnsupportedMilvus)
@@ -194,7 +195,7 @@ class MilvusStore:
                     target = self._lite.uri if self._lite else self._lite_server or self.uri
                     client = MilvusClient(uri=target, token=self._token, timeout=self._timeout_s)
                     if not self.lite:
-                        version = client.get_server_version()
+                        version = client.get_server_version(timeout=self._timeout_s)
                         check_server_version(version)
                         log.info("Milvus server %s at %s", version, self.uri)
                     self._client = client
@@ -228,7 +229,11 @@ class MilvusStore:
         client = self.connect()
         started, outcome = time.perf_counter(), "error"
         try:
-            target = client._get_connection() if handler else client
+            if handler:  # the handler takes the database from the call, not the URI
+                target = client._get_connection()
+                kwargs["context"] = client._generate_call_context()
+            else:
+                target = client
             result = getattr(target, method)(*args, timeout=self._timeout_s, **kwargs)
             outcome = "ok"
             return result
@@ -332,8 +337,17 @@ class MilvusStore:
             return
         schema = self._schema(name)
         for part in parts:
-            self._call(f"write to {name!r}", "upsert", name, [], handler=True, schema=schema,
-                       upsert_param=_upsert_request(name, part, schema))
+            try:
+                self._call(f"write to {name!r}", "upsert", name, [], handler=True, schema=schema,
+                           upsert_param=_upsert_request(name, part, schema))
+            except ServiceError as exc:
+                if not isinstance(exc.__cause__, SchemaMismatchRetryableException):
+                    raise
+                # Not retried here: the collection may now be another model's,
+                # which only a new open() checks. The caller's retry does that.
+                raise DependencyUnavailable(
+                    f"collection {name!r} changed while being written (dropped and made "
+                    "again?): these rows were not written; retry") from exc
         log.debug("wrote %d rows to %r in %d requests", len(rows), name, len(parts))
 
     def _schema(self, name: str) -> dict:

@@ -235,3 +235,24 @@ def test_search_without_milvus_lite_serves_a_milvus_server(tmp_path, embedder_se
             assert [hit.uri for hit in client.search_text("anything", top_k=1)] == ["no-lite"]
     finally:
         assert search.stop() == 0
+
+
+def test_a_database_named_in_the_uri_holds_writes_and_reads(tmp_path, embedder_service, milvus_server):
+    """`--milvus-uri http://host:port/DB`: rows are written to DB, where the
+    collection was made and where searches read (writes take their own path
+    through pymilvus, which must carry the database too)."""
+    from pymilvus import MilvusClient
+    admin = MilvusClient(uri=milvus_server.uri)
+    admin.create_database("tenant_b")
+    search = start_search(tmp_path, embedder_service.address, "--milvus-uri",
+                          f"{milvus_server.uri}/tenant_b", "--collection", "in_b").wait_ready()
+    try:
+        with SearchClient(search.address) as client:
+            [result] = client.ingest([IngestItem(photo(6), "in-b")])
+            assert result.status == IngestResult.STATUS_INSERTED
+            assert [hit.uri for hit in client.search_text("anything", top_k=1)] == ["in-b"]
+        assert "in_b" not in admin.list_collections()  # not in the default database
+        assert "in_b" in MilvusClient(uri=f"{milvus_server.uri}/tenant_b").list_collections()
+    finally:
+        assert search.stop() == 0
+        admin.close()
