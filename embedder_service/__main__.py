@@ -17,7 +17,7 @@ from prometheus_client import Gauge
 
 from embedder_service.config import parse_config
 from imagesearch import tracing
-from imagesearch.flags import check_tls, exit_startup
+from imagesearch.flags import check_server_flags, exit_startup
 from imagesearch.observability import setup_logging
 from imagesearch.serving import serve
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
@@ -29,7 +29,7 @@ MODEL_LOAD = Gauge("embedder_model_load_seconds", "Seconds the model took to loa
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level, config.log_format)
-    check_tls(config, "embedder")
+    check_server_flags(config, "embedder")
     tracing.setup("imagesearch-embedder")
     # torch and the model code load only now, so that a flag or file mistake
     # is reported in a second, not after the seconds torch takes to import.

@@ -72,7 +72,6 @@ class Expired(Exception):
     """The request's deadline passed before its batch ran."""
 
 
-@dataclass
 class Reservation:
     """Room for some items in a batcher's queue, taken at admission (before
     any decoding) and held until they are queued, so a request admitted once

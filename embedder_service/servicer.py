@@ -81,7 +81,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         if mode == "auto":
             mode = "process" if encoder.device.type == "cuda" else "thread"
         self._preprocess_pool = PreprocessPool(mode, config.preprocess_workers,
-                                          encoder.preprocessor, config.max_image_pixels)
+                                               encoder.preprocessor, config.max_image_pixels)
         self._jpeg_decoder = self._device_decoder(config.image_decode)
         self._decode_threads = (ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="gpu-decode")
                                 if self._jpeg_decoder else None)
@@ -159,7 +159,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
         bad = [(i, "empty or only whitespace") for i, t in enumerate(texts) if not t.strip()]
         if bad:
             await abort_bad_request(context, _bad_items_message("texts", bad),
-                               [(f"texts[{i}]", why) for i, why in bad])
+                                    [(f"texts[{i}]", why) for i, why in bad])
         size = self._config.batch_size
         chunks = [texts[start:start + size] for start in range(0, len(texts), size)]
         vectors = await self._encode(self.texts, [(chunk, len(chunk)) for chunk in chunks], context)
@@ -201,7 +201,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServiceServicer):
             if errors and not request.allow_partial:
                 bad = sorted(errors.items())
                 await abort_bad_request(context, _bad_items_message("images", bad),
-                                   [(f"images[{i}]", why) for i, why in bad])
+                                        [(f"images[{i}]", why) for i, why in bad])
             vectors = np.zeros((0, self._identity.dim), dtype=np.float32)
             if order:
                 chunks = _row_chunks(parts, self._config.batch_size)

@@ -46,10 +46,26 @@ def exit_startup(message: str) -> NoReturn:
 _EXPIRY_WARNING_DAYS = 14
 
 
-def check_tls(config: ServerConfig, name: str) -> None:
-    """Refuse TLS flags that do not go together, files that cannot be read, or
-    an expired certificate, before anything slow (a model, Milvus) starts;
+def check_server_flags(config: ServerConfig, name: str) -> None:
+    """Refuse, before anything slow (a model, Milvus) starts: ports out of
+    range or shared (gRPC binds with SO_REUSEPORT, so a health port equal to
+    the service port would silently take part of its calls), TLS flags that
+    do not go together, files that cannot be read, an expired certificate;
     warn when the certificate expires within two weeks."""
+    ports = {"--port": config.port, "--health-port": config.health_port,
+             "--metrics-port": config.metrics_port}
+    for flag, port in ports.items():
+        if not 0 <= port <= 65535:
+            exit_startup(f"{name}: {flag} {port} is not a port (0 to 65535)")
+    taken: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port and port in taken:
+            exit_startup(f"{name}: {flag} and {taken[port]} are both {port}: give each its own port")
+        taken.setdefault(port, flag)
+    _check_tls(config, name)
+
+
+def _check_tls(config: ServerConfig, name: str) -> None:
     from imagesearch.security import SecurityConfigError, days_left, server_credentials
     if bool(config.tls_cert) != bool(config.tls_key) or (config.tls_client_ca and not config.tls_cert):
         exit_startup(f"{name}: --tls-cert and --tls-key go together, and --tls-client-ca needs them")

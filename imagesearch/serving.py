@@ -51,7 +51,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
                 service_names: list[str], ready: Callable[[], Awaitable[None]] | None = None,
                 watch: Callable[[], AsyncIterator[bool]] | None = None,
                 dependencies: Callable[[], AsyncIterator[bool]] | None = None,
-                tokens: Tokens | None = None) -> None:
+                tokens: Tokens | None = None, share_port: bool = False) -> None:
     """Run a server until SIGTERM/SIGINT.
 
     `register` adds the servicers; `ready` (optional) runs after the port is
@@ -61,8 +61,12 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     whether they all answer, and the "dependencies" health name follows it.
     With `tokens`, every call but health checks needs one of them
     (TokenAuthInterceptor); with `config.tls_cert`, the port serves TLS only.
+    `share_port` (the search service's --workers) binds with SO_REUSEPORT, so
+    processes of one deployment share the port; otherwise a port another
+    process holds is a start-up error, never a silent split of its calls.
     """
     start_metrics(config.metrics_port, config.host, name)
+    reuse = [("grpc.so_reuseport", int(share_port))]
     server = grpc.aio.server(
         interceptors=[*tracing.server_interceptors(), RpcInterceptor(),
                       *([TokenAuthInterceptor(tokens)] if tokens else [])],
@@ -72,7 +76,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
             ("grpc.max_concurrent_streams", config.max_streams),
             # Let clients probe idle connections with keepalive pings (ours do, every 10 s).
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)])
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)] + reuse)
     register(server)
     health = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -96,7 +100,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     if config.tls_cert:
         try:
             credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        except SecurityConfigError as exc:  # checked at start (check_tls); changed since
+        except SecurityConfigError as exc:  # checked at start (check_server_flags); changed since
             exit_startup(f"{name}: {exc}")
         port = _bind(lambda: server.add_secure_port(config.address, credentials))
     else:
@@ -104,7 +108,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     if port == 0:
         exit_startup(f"{name}: cannot listen on {config.address} (port in use or bad address): "
                      "pick another --port")
-    health_server = await _start_health_only(config, name, health)
+    health_server = await _start_health_only(config, name, health, reuse)
     await server.start()
     await health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
 
@@ -137,13 +141,13 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     log.info("%s stopped", name)
 
 
-async def _start_health_only(config: ServerConfig, name: str,
-                             health: health_async.HealthServicer) -> grpc.aio.Server | None:
+async def _start_health_only(config: ServerConfig, name: str, health: health_async.HealthServicer,
+                             options: list[tuple[str, int]]) -> grpc.aio.Server | None:
     """The plaintext health-only server of `--health-port`, sharing `health`,
     so both ports always answer the same; None when the flag is 0."""
     if not config.health_port:
         return None
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=options)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if _bind(lambda: server.add_insecure_port(f"{config.host}:{config.health_port}")) == 0:
         exit_startup(f"{name}: cannot listen on {config.host}:{config.health_port} (port in use "

@@ -18,7 +18,7 @@ import os
 import grpc
 
 from imagesearch import tracing
-from imagesearch.flags import check_tls, exit_startup
+from imagesearch.flags import check_server_flags, exit_startup
 from imagesearch.observability import setup_logging
 from imagesearch.security import SecurityConfigError, Tokens, channel_credentials
 from imagesearch.serving import serve
@@ -51,7 +51,7 @@ async def run(config: SearchConfig, store: MilvusStore,
                     register=lambda server: search_pb2_grpc.add_ImageSearchServiceServicer_to_server(
                         servicer, server),
                     dependencies=lambda: watch_dependencies(servicer.dependency_problems),
-                    tokens=tokens)
+                    tokens=tokens, share_port=bool(config.worker_of))
     finally:
         startup_check.cancel()
         await asyncio.get_running_loop().run_in_executor(None, servicer.close)
@@ -61,7 +61,7 @@ async def run(config: SearchConfig, store: MilvusStore,
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level, config.log_format)
-    check_tls(config, "search")
+    check_server_flags(config, "search")
     if not config.milvus_uri and importlib.util.find_spec("milvus_lite") is None:
         exit_startup("search: without --milvus-uri (SEARCH_MILVUS_URI) the vectors go to a "
                      "Milvus Lite file, and Milvus Lite is not installed: pip install "

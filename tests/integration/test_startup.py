@@ -15,8 +15,8 @@ import pytest
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
 from imagesearch.serving import DEPENDENCIES, LIVENESS
-from tests.services import (ROOT, TEST_MODEL, eventually, free_port, photo, start_embedder,
-                            start_search)
+from tests.services import (ROOT, TEST_MODEL, Service, eventually, free_port, photo,
+                            start_embedder, start_search)
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
@@ -132,8 +132,13 @@ def test_sigterm_while_loading_exits_at_once_even_as_pid_1(tmp_path):
      "cannot read the TLS key no.key"),
     ("search_service", ["--tls-client-ca", "ca.pem"], "--tls-client-ca needs them"),
     ("search_service", ["--embedder-tls-ca", "no-ca.pem"], "cannot read the CA no-ca.pem"),
+    ("embedder_service", ["--port", "50123", "--health-port", "50123"],
+     "--health-port and --port are both 50123"),
+    ("search_service", ["--metrics-port", "9102", "--health-port", "9102"],
+     "--metrics-port and --health-port are both 9102"),
+    ("search_service", ["--health-port", "70000"], "--health-port 70000 is not a port"),
 ])
-def test_a_tls_flag_mistake_exits_2_before_anything_loads(tmp_path, module, flags, needle):
+def test_a_flag_mistake_exits_2_before_anything_loads(tmp_path, module, flags, needle):
     """Found before the model or Milvus is touched, in well under 3 s
     (torch is not even imported yet), on one line, with exit status 2."""
     started = time.monotonic()
@@ -256,3 +261,21 @@ def test_a_database_named_in_the_uri_holds_writes_and_reads(tmp_path, embedder_s
     finally:
         assert search.stop() == 0
         admin.close()
+
+
+def test_a_second_service_on_a_taken_port_exits_2_and_the_first_keeps_it(tmp_path, embedder_service):
+    """gRPC would share a port between processes that both ask for
+    SO_REUSEPORT, splitting the calls between them; outside --workers our
+    servers do not ask, so a second copy on the port stops at start."""
+    (tmp_path / "a").mkdir()
+    first = start_search(tmp_path / "a", embedder_service.address).wait_ready()
+    try:
+        second = Service("search_service", ["--embedder", embedder_service.address,
+                                            "--data-dir", str(tmp_path / "b")],
+                         tmp_path / "second.log", port=first.port)
+        assert second.process.wait(60) == 2
+        assert f"cannot listen on 127.0.0.1:{first.port}" in second.log()
+        with SearchClient(first.address) as client:
+            assert client.stats().count == 0  # the first one still answers
+    finally:
+        assert first.stop() == 0
