@@ -188,13 +188,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                                                        handler.request_streaming), raw=True)
 
 
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("imagesearch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
 def start_metrics(port: int, host: str, server: str) -> None:
     """Serve Prometheus metrics on http://HOST:PORT/metrics (port 0: off)."""
-    try:
-        version = importlib.metadata.version("imagesearch")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
-        version = "unknown"
-    BUILD.info({"version": version, "server": server})
+    BUILD.info({"version": package_version(), "server": server})
     if port:
         try:
             start_http_server(port, addr=host)

@@ -19,7 +19,8 @@ The parent
 - on SIGTERM or SIGINT, passes SIGTERM to every worker (each turns health
   NOT_SERVING and finishes its in-flight calls within `--grace-s`), waits
   for them, and exits 0; a worker still running after the grace period
-  plus a margin is killed;
+  plus a margin is killed, and that, or a worker failing while it stops,
+  makes the exit status 1;
 - serves the Prometheus metrics of all workers on `--metrics-port`
   (prometheus_client's multiprocess mode: each worker writes its metrics to
   files in a private PROMETHEUS_MULTIPROC_DIR; counters and histograms are
@@ -40,7 +41,8 @@ INSERTED, and the image is still one row (writes are upserts by content id).
 
 `--workers 0` picks one worker per available core: the CPUs this process
 may run on (sched_getaffinity), lowered to a cgroup v2 CPU quota
-(cpu.max) when one is set, at most `MAX_AUTO_WORKERS`.
+(cpu.max at the cgroup root, which is the container's own cgroup in a
+container) when one is set, at most `MAX_AUTO_WORKERS`.
 """
 from __future__ import annotations
 
@@ -127,7 +129,9 @@ class Supervisor:
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers.values()]
+        # A copy first: the metrics thread reads this while the main thread
+        # replaces workers (list() of a dict view runs under the GIL at once).
+        return [w.process.pid for w in list(self._workers.values())]
 
     def _start(self, slot: int) -> None:
         process = subprocess.Popen([*self._command, *self._extra], env=self._env)
@@ -215,12 +219,16 @@ class Supervisor:
                 log.error("worker %d (pid %d) still running after the grace period: killing it",
                           worker.slot, worker.process.pid)
                 worker.process.kill()
-                code = worker.process.wait()
+                worker.process.wait()
                 status = status or 1
-            if code not in (0, -signal.SIGTERM) and not status:
-                log.warning("worker %d (pid %d) exited with status %s while stopping",
-                            worker.slot, worker.process.pid, code)
+                continue
+            if code not in (0, -signal.SIGTERM):
+                log.error("worker %d (pid %d) exited with status %s while stopping",
+                          worker.slot, worker.process.pid, code)
+                status = status or 1
         signal.set_wakeup_fd(-1)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         log.info("all workers stopped")
         return status
 
@@ -247,11 +255,8 @@ def serve_metrics(port: int, host: str, directory: str, supervisor: Supervisor) 
 
     from imagesearch.flags import exit_startup
 
-    import importlib.metadata
-    try:
-        version = importlib.metadata.version("imagesearch")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
-        version = "unknown"
+    from imagesearch.observability import package_version
+    version = package_version()
 
     class _Parent:
         def collect(self):
