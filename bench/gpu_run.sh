@@ -23,6 +23,20 @@ python3 -m bench.suite --profile gpu --seconds "${SECONDS_PER_RUN:-15}" --commit
   --work /tmp/benchwork ${TOKENIZER:+--tokenizer "$TOKENIZER"} $EXTRA --json "$OUT/gpu.json" 2>&1 | tee "$OUT/log"
 status=$?
 cp /tmp/benchwork/*.log "$OUT/" 2>/dev/null
+# The peer side by side (bench/peer.py, about 2 minutes): Infinity's packages
+# (Python 3.12 wheels in .peer/whl312, see docs/benchmarks.md) go ahead in a
+# call of their own into /tmp/peer-site, as the Milvus server does; only the
+# peer's process gets them on its path. PEER_MODEL: the checkpoint both serve
+# (default the bundled test model; /tmp/benchwork/vit-b32-random after the
+# suite for ViT-B/32).
+if [ -d /tmp/peer-site/infinity_emb ]; then
+  python3 -m bench.peer --device cuda --dtype float16 --batch-size 256 --preprocess-workers 14 \
+    --image-clients 32 --procs 4 --seconds "${SECONDS_PER_RUN:-15}" ${PEER_MODEL:+--model "$PEER_MODEL"} \
+    --peer-cmd "python3 -m infinity_emb.cli" --peer-pythonpath /tmp/peer-site \
+    --commit "${COMMIT:-unknown}" --work /tmp/peerwork --json "$OUT/peer-gpu.json" 2>&1 | tail -60 | tee "$OUT/peer.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  cp /tmp/peerwork/*.log "$OUT/" 2>/dev/null
+fi
 # TESTS: test paths; no Milvus server binary travels, so only the Lite variants
 # run. float32, so that batch-versus-single comparisons test the decode path,
 # not float16 rounding.
