@@ -50,11 +50,15 @@ ENV PATH=/opt/venv/bin:$PATH \
     SEARCH_HOST=0.0.0.0 \
     SEARCH_PORT=50052 \
     SEARCH_HEALTH_PORT=8081 \
-    SEARCH_METRICS_PORT=9102
+    SEARCH_METRICS_PORT=9102 \
+    SEARCH_WORKERS=0
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps --no-index /wheels/*.whl
 USER 10001:10001
 WORKDIR /home/app
+# SEARCH_WORKERS=0: one search process per core the container may use (its
+# CPU limit, read from the cgroup), at most 8, all on one port; one process is
+# bound by its interpreter lock at about one core.
 # 50052 gRPC (TLS when --tls-cert is set), 8081 plaintext grpc.health.v1 only
 # (probes), 9102 Prometheus metrics.
 EXPOSE 50052 8081 9102

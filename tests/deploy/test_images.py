@@ -143,6 +143,11 @@ def test_runtime_is_non_root_under_tini_with_a_plaintext_health_check(path):
     assert "8081" in final["EXPOSE"].split()
 
 
+def test_the_search_image_runs_one_worker_per_available_core():
+    final = dict(stages(next(p for p in DOCKERFILES if p.name == "search.Dockerfile"))[-1])
+    assert "SEARCH_WORKERS=0" in final["ENV"].split()
+
+
 def test_each_dockerfile_serves_its_own_service():
     scripts = {p.name: json.loads(dict(stages(p)[-1])["ENTRYPOINT"])[2] for p in DOCKERFILES}
     assert scripts == {"embedder-cpu.Dockerfile": "imgsearch-embedder",

@@ -394,6 +394,7 @@ def test_headless_services_for_client_side_balancing(overlay):
     search_env = config_map(overlay, "imagesearch-search")
     assert search_env["SEARCH_EMBEDDER"] == "dns:///imagesearch-embedder:50051"
     assert search_env["SEARCH_MILVUS_URI"].startswith("http://")
+    assert search_env["SEARCH_WORKERS"] == "0"  # one process per CPU of the pod's limit
     for name in DEPLOYMENTS:
         refs = {e["configMapRef"]["name"] for e in main_container(overlay, name)["envFrom"]
                 if "configMapRef" in e}
@@ -477,6 +478,8 @@ def test_alerts_cover_readiness_errors_a_full_queue_and_milvus_on_real_metrics()
     # The saturation threshold is 80% of the queue bound the manifests set.
     max_queue = config_map("cpu", "imagesearch-embedder")["EMBEDDER_MAX_QUEUE"]
     assert f"0.8 * {max_queue}" in rules["ImagesearchEmbedderQueueSaturated"]["expr"]
+    # Each batcher has its own bound: the sums keep them apart.
+    assert rules["ImagesearchEmbedderQueueSaturated"]["expr"].count("(namespace, pod, batcher)") == 3
 
 
 def test_dashboard_charts_only_metrics_that_exist():
