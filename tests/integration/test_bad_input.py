@@ -33,8 +33,7 @@ def still_serving(request, embedder):
     vectors = embedder.encode_texts(["a photo of a red circle"])
     assert np.linalg.norm(vectors[0]) == pytest.approx(1.0, abs=1e-4)
     if search is not None:
-        hits = search.search_text("a photo of a red circle", top_k=1)
-        assert len(hits) <= 1  # and it answered: a failed call raises
+        search.search_text("a photo of a red circle", top_k=1)  # raises unless it answers
 
 
 @pytest.mark.parametrize("texts, needle", [

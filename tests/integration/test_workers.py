@@ -87,10 +87,7 @@ def test_two_workers_serve_ingest_and_search_on_one_port(two_workers):
     assert metric(samples, "search_workers") == 2
     assert metric(samples, "imagesearch_build_info", server="search") == 1
     assert metric(samples, "search_dependency_up", dependency="milvus") == 1
-    # The workers' counters are summed: every one of those calls is counted once.
-    per_worker = sum(metric(samples, "search_worker_rpcs_total", worker_pid=str(pid))
-                     for pid in pids.values())
-    assert metric(samples, "grpc_server_handled_total") == per_worker
+    # The workers' counters are summed, each image counted once by whichever stored it.
     assert metric(samples, "search_images_ingested_total", status="inserted") == 12
     # --health-port works with workers: each binds it too.
     assert status(f"127.0.0.1:{two_workers.health_port}") == "SERVING"
@@ -101,16 +98,28 @@ def test_the_same_images_through_both_workers_are_one_row_each(two_workers):
     say INSERTED for one image, and it is still one row."""
     batch = images(1000, 8)
     outcomes: list[list[int]] = []
+    pids = workers_of(two_workers).values()
+
+    def calls() -> list[float]:
+        samples = scrape(two_workers)
+        return [metric(samples, "search_worker_rpcs_total", worker_pid=str(pid)) for pid in pids]
 
     def ingest() -> None:
         with SearchClient(two_workers.address, timeout_s=60) as client:  # a connection each
             outcomes.append([r.status for r in client.ingest(batch)])
-    threads = [threading.Thread(target=ingest) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert len(outcomes) == 6
+    before = calls()
+    # The kernel picks a worker per connection: rounds of six concurrent
+    # streams until both workers have had some (one round, nearly always).
+    for _ in range(5):
+        threads = [threading.Thread(target=ingest) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        if all(now > then for now, then in zip(calls(), before)):
+            break
+    assert all(now > then for now, then in zip(calls(), before)), "one worker had every stream"
+    assert len(outcomes) % 6 == 0
     assert all(set(statuses) <= {1, 2} for statuses in outcomes), outcomes  # INSERTED or ALREADY_PRESENT
     assert all(any(o[i] == 1 for o in outcomes) for i in range(8))  # each stored by someone
     with SearchClient(two_workers.address, timeout_s=60) as client:
