@@ -13,7 +13,7 @@ from PIL import Image
 from imagesearch.client import IngestItem, IngestResult
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2
 from tests.inputs import CORRUPT, bomb_png, case_data
-from tests.services import photo, status_of
+from tests.services import eventually, metric, photo, scrape, status_of
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +260,21 @@ def test_a_message_over_the_limit_is_resource_exhausted(embedder_service):
         stub = embedder_pb2_grpc.EmbedderServiceStub(channel)
         error = status_of(stub.EncodeImage, embedder_pb2.EncodeImageRequest(images=[bytes(limit + 1)]))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_refused_and_failed_image_requests_give_their_room_back(embedder_stub, embedder_service):
+    """Room in the image queue is reserved before decoding; whatever way a
+    request ends (bad items, partial results, a deadline passed while
+    decoding) the reservation is returned."""
+    requests = [embedder_pb2.EncodeImageRequest(images=[CORRUPT, b"", CORRUPT]),
+                embedder_pb2.EncodeImageRequest(images=[photo(1), CORRUPT], allow_partial=True),
+                embedder_pb2.EncodeImageRequest(images=[photo(i) for i in range(64)])]
+    for request, timeout in zip(requests, (10, 10, 0.01)):
+        try:
+            embedder_stub.EncodeImage(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                  grpc.StatusCode.DEADLINE_EXCEEDED), exc
+    assert 'embedder_reserved_items{batcher="image"}' in scrape(embedder_service)
+    eventually(lambda: metric(scrape(embedder_service), "embedder_reserved_items") == 0
+               and metric(scrape(embedder_service), "embedder_queue_items") == 0, 30)
