@@ -66,14 +66,34 @@ class Service:
 
     def stop(self, timeout_s: float = 30) -> int:
         """SIGTERM and wait; the exit code (0 for a clean shutdown)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout_s)
+
+
+def answers_within(ask, refusal: type[Exception], process: subprocess.Popen,
+                   timeout_s: float) -> bool:
+    """Whether `ask()` returns without `refusal` within `timeout_s`, asked
+    once a second while `process` runs: for servers whose readiness shows
+    only in their answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            ask()
+            return True
+        except refusal:
+            time.sleep(1)  # the poll interval
+    return False
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> int:
+    """SIGTERM, then SIGKILL after `timeout_s`; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
 
 def scrape(service: "Service") -> dict[str, float]:
@@ -159,20 +179,15 @@ class MilvusServer:
         """Block until the server answers; fail loudly (never skip) if it does not."""
         from pymilvus import MilvusClient, MilvusException
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                client = MilvusClient(uri=self.uri, timeout=5)
-                client.list_collections()
-                client.close()
-                return self
-            except MilvusException:  # readiness shows only in answers: poll
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"Milvus server at {self.uri} not ready after {timeout_s} s; log tail:\n"
-                           + self.log_path.read_text(errors="replace")[-3000:])
+        def answers() -> None:
+            client = MilvusClient(uri=self.uri, timeout=5)
+            client.list_collections()
+            client.close()
+        if not answers_within(answers, MilvusException, self.process, timeout_s):
+            self.stop()
+            raise RuntimeError(f"Milvus server at {self.uri} not ready after {timeout_s} s; log "
+                               "tail:\n" + self.log_path.read_text(errors="replace")[-3000:])
+        return self
 
     def _binaries(self) -> list[int]:
         """Pids of the Milvus binary the wrapper started: it runs from under the

@@ -36,8 +36,9 @@ import tempfile
 from pathlib import Path
 
 from bench import loadgen
-from bench.harness import ROOT, free_port
+from bench.harness import ROOT, free_port, stop_process
 from bench.photos import make_jpegs, unique
+from bench.report import emit, load_average
 from imagesearch.health import wait_serving
 
 
@@ -65,14 +66,7 @@ class Proc:
         return self
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, 60)
 
 
 def _ticks(pid: int, task: int | None = None) -> float:
@@ -114,10 +108,6 @@ def cpu_used(before: dict, after: dict) -> tuple[float, float]:
         t0, m0 = before.get(pid, (0.0, 0.0))
         total, main = total + t1 - t0, main + m1 - m0
     return total, main
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def encode_run(embedder: Proc, jpegs, seconds, clients, batch) -> dict:
@@ -254,11 +244,7 @@ def main() -> None:
                 server.stop()
         out["meta"]["milvus"] = "Milvus 2.3.5 standalone server" if server else "Milvus Lite"
     out["meta"]["load_average_at_end"] = load_average()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    emit(out, args.json)
 
 
 if __name__ == "__main__":

@@ -94,24 +94,38 @@ def run(target: str, server: str, concurrency: int = 1, batch: int = 1, duration
     """One load run; returns the JSON-ready result."""
     if target in ("EncodeImage", "Ingest") and jpegs is None:
         jpegs = make_jpegs(64)
-    procs = max(1, min(procs, concurrency))
-    share = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    firsts = np.cumsum([0, *share[:-1]]).tolist()
     if warmup_s > 0:
         asyncio.run(_load(target, server, concurrency, batch, warmup_s, 10**9, jpegs or [], 10**6))
+    procs = max(1, min(procs, concurrency))
+    share = split(concurrency, procs)
+    firsts = np.cumsum([0, *share[:-1]]).tolist()
     jobs = [(target, server, n, batch, duration_s, max_requests // procs, jpegs or [], first)
             for n, first in zip(share, firsts)]
-    if procs == 1:
-        outcomes = [_proc(jobs[0])]
-    else:
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            outcomes = pool.map(_proc, jobs)
+    return {"target": target, **summarize(in_processes(_proc, jobs), concurrency, batch)}
+
+
+def split(concurrency: int, procs: int) -> list[int]:
+    """Clients per load process: `concurrency` shared as evenly as can be."""
+    return [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+
+
+def in_processes(proc, jobs: list[tuple]) -> list[tuple]:
+    """`proc(job)` for each job, each in a process of its own when there are
+    several (one client process is bound by its own interpreter lock)."""
+    if len(jobs) == 1:
+        return [proc(jobs[0])]
+    with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+        return pool.map(proc, jobs)
+
+
+def summarize(outcomes: list[tuple], concurrency: int, batch: int) -> dict:
+    """The JSON-ready result of load processes' (latencies, error codes, seconds)."""
     latencies = np.array([lat for o in outcomes for lat in o[0]]) * 1000
     errors = sum((Counter(o[1]) for o in outcomes), Counter())
     elapsed = max(o[2] for o in outcomes)
     done = len(latencies)
     pct = (lambda q: round(float(np.percentile(latencies, q)), 3)) if done else (lambda q: None)
-    return {"target": target, "concurrency": concurrency, "batch": batch, "procs": procs,
+    return {"concurrency": concurrency, "batch": batch, "procs": len(outcomes),
             "requests": done, "errors": dict(errors), "seconds": round(elapsed, 3),
             "requests_per_s": round(done / elapsed, 1), "items_per_s": round(done * batch / elapsed, 1),
             "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99)}}

@@ -29,7 +29,6 @@ import base64
 import datetime
 import itertools
 import json
-import multiprocessing
 import os
 import platform
 import shlex
@@ -44,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from bench import loadgen
-from bench.harness import ROOT, TEST_MODEL, Service, free_port
+from bench.harness import ROOT, TEST_MODEL, Service, answers_within, free_port, stop_process
+from bench.report import emit, guarded, load_average
 from bench.photos import make_jpegs
 
 PEER_NAME = "peer"
@@ -165,23 +165,9 @@ def http_run(address: str, bodies: list[bytes], batch: int, concurrency: int, du
     `procs` processes, each sending prepared request bodies back to back."""
     if warmup_s > 0:
         asyncio.run(_http_load(address, bodies, batch, concurrency, warmup_s))
-    procs = max(1, min(procs, concurrency))
-    share = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
-    jobs = [(address, bodies, batch, n, duration_s) for n in share]
-    if procs == 1:
-        outcomes = [_http_proc(jobs[0])]
-    else:
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
-            outcomes = pool.map(_http_proc, jobs)
-    latencies = np.array([lat for o in outcomes for lat in o[0]]) * 1000
-    errors = sum((Counter(o[1]) for o in outcomes), Counter())
-    elapsed = max(o[2] for o in outcomes)
-    done = len(latencies)
-    pct = (lambda q: round(float(np.percentile(latencies, q)), 3)) if done else (lambda q: None)
-    return {"concurrency": concurrency, "batch": batch, "procs": procs, "requests": done,
-            "errors": dict(errors), "seconds": round(elapsed, 3),
-            "requests_per_s": round(done / elapsed, 1), "items_per_s": round(done * batch / elapsed, 1),
-            "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99)}}
+    jobs = [(address, bodies, batch, n, duration_s)
+            for n in loadgen.split(concurrency, max(1, min(procs, concurrency)))]
+    return loadgen.summarize(loadgen.in_processes(_http_proc, jobs), concurrency, batch)
 
 
 # --- the two servers ------------------------------------------------------
@@ -208,29 +194,17 @@ class Peer:
                                             stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 300) -> "Peer":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"http://{self.address}/models", timeout=5) as r:
-                    json.load(r)
-                return self
-            except OSError:  # not listening yet: readiness shows only in answers
-                time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"Infinity not ready after {timeout_s} s; log tail:\n"
-                           + self.log_path.read_text(errors="replace")[-3000:])
+        def answers() -> None:
+            with urllib.request.urlopen(f"http://{self.address}/models", timeout=5) as r:
+                json.load(r)
+        if not answers_within(answers, OSError, self.process, timeout_s):
+            self.stop()
+            raise RuntimeError(f"Infinity not ready after {timeout_s} s; log tail:\n"
+                               + self.log_path.read_text(errors="replace")[-3000:])
+        return self
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, 30)
 
 
 def peer_versions(command: list[str], pythonpath: str | None) -> dict:
@@ -294,17 +268,6 @@ def same_vectors(ours: str, peer: str, jpegs: list[bytes]) -> dict:
         except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
             out[f"{kind}_cos_min"] = f"{type(exc).__name__}: {exc}"
     return out
-
-
-def guarded(out: dict, key: str, fn) -> None:
-    try:
-        out[key] = fn()
-    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
-        out[key] = {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def run(args) -> dict:
@@ -434,11 +397,7 @@ def main() -> None:
         "command": " ".join(["python -m bench.peer", *sys.argv[1:]]),
         "wall_s": round(time.time() - started),
         "ours": our_versions(), "peer": peer_versions(shlex.split(args.peer_cmd), args.peer_pythonpath)}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    emit(results, args.json)
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from bench import loadgen
+from bench.harness import ROOT, TEST_MODEL, MilvusServer, Service, metric, scrape
 from bench.naive import naive_loop
 from bench.photos import make_jpegs, unique
 from bench.random_clip import write as write_random_clip
+from bench.report import guarded
 from embedder_service.device_images import DeviceJpegDecoder
 from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import decode_image
-from bench.harness import ROOT, TEST_MODEL, MilvusServer, Service, free_port, metric, scrape
 
 
 class MemorySampler:
@@ -245,14 +246,6 @@ def ingest_on_server(embedder: str, work: Path, jpegs: list[bytes], seconds: flo
     finally:
         server.stop()
     return out
-
-
-def guarded(out: dict, key: str, fn) -> None:
-    """Run one section; a failure is recorded, and the rest still runs."""
-    try:
-        out[key] = fn()
-    except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
-        out[key] = {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def gpu_profile(model: str, work: Path, jpegs: list[bytes], seconds: float,
