@@ -94,14 +94,16 @@ def test_directory_with_a_revision_is_refused():
         ClipEncoder(str(TEST_MODEL), device="cpu", revision="0123abcd")
 
 
-def _load_from_cache(hf_home, revision: str) -> subprocess.CompletedProcess:
-    """ClipEncoder on a hub id, offline, in a process of its own: the hub
-    library reads HF_HOME and HF_HUB_OFFLINE once, at import."""
-    code = ("import sys; from embedder_service.model import ClipEncoder; "
-            "print(ClipEncoder('imagesearch/shapes-clip', device='cpu', "
-            "revision=sys.argv[1]).info.fingerprint)")
-    return subprocess.run([sys.executable, "-c", code, revision], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT,
+def _fingerprints_from_cache(hf_home, *revisions: str) -> subprocess.CompletedProcess:
+    """ClipEncoder on a hub id at each revision, offline, in one process of
+    its own (the hub library reads HF_HOME and HF_HUB_OFFLINE once, at
+    import): a fingerprint per line, or the error that stopped it."""
+    code = ("import sys; from embedder_service.model import ClipEncoder\n"
+            "for revision in sys.argv[1:]:\n"
+            "    print(ClipEncoder('imagesearch/shapes-clip', device='cpu',\n"
+            "                      revision=revision).info.fingerprint, flush=True)")
+    return subprocess.run([sys.executable, "-c", code, *revisions], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT,
                           env={**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"})
 
 
@@ -115,9 +117,7 @@ def test_hub_revision_loads_that_commit_and_no_other(tmp_path, encoder):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
 
-    pinned = _load_from_cache(tmp_path, commit)
-    assert pinned.returncode == 0, pinned.stderr
-    assert pinned.stdout.strip() == encoder.info.fingerprint
-    other = _load_from_cache(tmp_path, "b" * 40)
-    assert other.returncode != 0
-    assert f"at revision {'b' * 40}" in other.stderr, other.stderr[-2000:]
+    run = _fingerprints_from_cache(tmp_path, commit, "b" * 40)
+    assert run.returncode != 0  # the second revision is not there
+    assert run.stdout.split() == [encoder.info.fingerprint]  # the first loaded
+    assert f"at revision {'b' * 40}" in run.stderr, run.stderr[-2000:]
