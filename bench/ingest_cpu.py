@@ -161,12 +161,14 @@ def main() -> None:
     parser.add_argument("--projection-dim", type=int, default=0,
                         help="instead of --model, a random tiny CLIP (bench/random_clip.py) "
                              "whose vectors are this wide (512: ViT-B/32's)")
-    parser.add_argument("--seconds", type=float, default=15, help="length of each load run")
-    parser.add_argument("--rounds", type=int, default=2, help="EncodeImage/Ingest pairs per setting")
-    parser.add_argument("--images", type=int, default=256, help="distinct photo JPEGs")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent callers of each run")
-    parser.add_argument("--batch", type=int, default=64, help="images per request (per Ingest stream)")
-    parser.add_argument("--ingest-batch", type=int, default=64, help="the search service's --ingest-batch")
+    for flag, default, what in (
+            ("--seconds", 15.0, "length of each load run"),
+            ("--rounds", 2, "EncodeImage/Ingest pairs per setting"),
+            ("--images", 256, "distinct photo JPEGs"),
+            ("--clients", 8, "concurrent callers of each run"),
+            ("--batch", 64, "images per request (per Ingest stream)"),
+            ("--ingest-batch", 64, "the search service's --ingest-batch")):
+        parser.add_argument(flag, type=type(default), default=default, help=what)
     parser.add_argument("--workers", type=int, nargs="+", default=[1],
                         help="search-service --workers settings to run, one after another")
     parser.add_argument("--embedder-args", default="--preprocess-workers 2 --max-queue 100000",
