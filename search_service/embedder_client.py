@@ -58,7 +58,10 @@ _RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_b
               ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
               ("grpc.keepalive_permit_without_calls", 1)]
 # Every embedder method is idempotent, so an UNAVAILABLE (the replica died
-# under the call) is retried, on another replica where there is one.
+# under the call) or a CANCELLED that the replica sent (one shutting down
+# fails calls it had received but not started) is retried, on another
+# replica where there is one. A call our own caller cancelled is never
+# retried: gRPC retries only answers from the server.
 # Client-side health checking: round-robin sends calls only to replicas whose
 # grpc.health.v1 status is SERVING, so one still warming up, or whose model
 # keeps failing, gets none.
@@ -68,7 +71,7 @@ _SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
         "name": [{"service": _SERVICE}],
         "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]}}]})
 _BALANCING = [("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 1)]
 # Tries of a call whose answers come from another model than expected:
 # round-robin sends each to the next replica.
@@ -140,8 +143,11 @@ class EmbedderClient:
 
     def _error(self, exc: grpc.aio.AioRpcError) -> Exception:
         code, details = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return DependencyUnavailable(f"embedder at {self._target} is unavailable: {details}")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            # CANCELLED here came from the embedder (a replica going away):
+            # a caller's own cancel ends the call before any answer is read.
+            return DependencyUnavailable(f"embedder at {self._target} is unavailable: "
+                                         f"{code.name}: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"embedder at {self._target} did not answer in time")
         # This service validated the caller's input and sized the request itself, so
