@@ -14,8 +14,9 @@
 - server reflection, unless switched off;
 - the RpcInterceptor (request ids, per-RPC metrics) and a Prometheus
   endpoint on its own port;
-and on SIGTERM or SIGINT turns health NOT_SERVING, refuses new calls and
-lets in-flight calls finish within the grace period before returning (the
+and on SIGTERM or SIGINT turns health NOT_SERVING (health Watch streams
+say so and end: they would hold the stop), refuses new calls and lets
+in-flight calls finish within the grace period before returning (the
 process then exits 0).
 """
 from __future__ import annotations
@@ -26,12 +27,12 @@ import signal
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
-from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagesearch import tracing
 from imagesearch.channels import channel_options
+from imagesearch.health_servicer import HealthServicer
 from imagesearch.flags import ServerConfig, exit_startup
 from imagesearch.observability import RpcInterceptor, start_metrics
 from imagesearch.security import (SecurityConfigError, TokenAuthInterceptor, Tokens,
@@ -78,7 +79,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000)] + reuse)
     register(server)
-    health = health_async.HealthServicer()
+    health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if config.reflection:
         reflection.enable_server_reflection(
@@ -141,7 +142,7 @@ async def serve(config: ServerConfig, *, name: str, register: Callable[[grpc.aio
     log.info("%s stopped", name)
 
 
-async def _start_health_only(config: ServerConfig, name: str, health: health_async.HealthServicer,
+async def _start_health_only(config: ServerConfig, name: str, health: HealthServicer,
                              options: list[tuple[str, int]]) -> grpc.aio.Server | None:
     """The plaintext health-only server of `--health-port`, sharing `health`,
     so both ports always answer the same; None when the flag is 0."""
