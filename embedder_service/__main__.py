@@ -15,6 +15,7 @@ import logging
 
 from prometheus_client import Gauge
 
+from embedder_service import checkpoint
 from embedder_service.config import parse_config
 from imagesearch import tracing
 from imagesearch.flags import check_server_flags, exit_startup
@@ -31,12 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(config.log_level, config.log_format)
     check_server_flags(config, "embedder")
     tracing.setup("imagesearch-embedder")
+    try:
+        hub = checkpoint.locate(config.model, config.model_revision)
+    except checkpoint.ModelLoadError as exc:
+        exit_startup(str(exc))
     # torch and the model code load only now, so that a flag or file mistake
     # is reported in a second, not after the seconds torch takes to import.
     import torch
 
     from embedder_service.device_images import DeviceDecodeUnavailable
-    from embedder_service.model import ClipEncoder, ModelLoadError
+    from embedder_service.model import ClipEncoder
     from embedder_service.servicer import EmbedderServicer
 
     if config.torch_threads > 0:
@@ -45,8 +50,9 @@ def main(argv: list[str] | None = None) -> None:
              f" at revision {config.model_revision}" if config.model_revision else "")
     try:
         encoder = ClipEncoder(config.model, config.device, config.dtype, config.batch_size,
-                              cuda_graphs=config.cuda_graphs, revision=config.model_revision)
-    except ModelLoadError as exc:
+                              cuda_graphs=config.cuda_graphs, revision=config.model_revision,
+                              hub=hub)
+    except checkpoint.ModelLoadError as exc:
         exit_startup(str(exc))
     MODEL_LOAD.set(encoder.load_seconds)
     try:

@@ -9,26 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
 import time
-import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, CLIPModel
 
+from embedder_service.checkpoint import ModelLoadError, locate, public_name
 from embedder_service.preprocess import Preprocessor
 from embedder_service.text_graphs import TextGraphs
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelLoadError(RuntimeError):
-    """The checkpoint could not be loaded; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -61,53 +55,6 @@ def weights_fingerprint(model: CLIPModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_local(name: str, revision: str) -> None:
-    """A name written as a path must be a directory: otherwise transformers
-    would try it as a hub id and answer with the hub's naming rules. A
-    directory has no revisions, so asking for one is a mistake."""
-    if revision and os.path.isdir(os.path.expanduser(name)):
-        raise ModelLoadError(
-            f"--model-revision {revision} applies to hub ids, and {name} is a local directory\n"
-            "What to do: drop --model-revision (EMBEDDER_MODEL_REVISION): a directory's "
-            "weights are whatever it holds")
-    as_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-    if as_path and not os.path.isdir(os.path.expanduser(name)):
-        raise ModelLoadError(
-            f"no such directory: {name}\nWhat to do: pass --model (or EMBEDDER_MODEL) a directory "
-            "written by CLIPModel.save_pretrained, or a hub id such as "
-            "openai/clip-vit-base-patch32")
-
-
-def _check_hub(name: str, revision: str | None, timeout_s: float = 3.0) -> bool:
-    """For a hub id: True when the checkpoint is in the local cache (it then
-    loads from there, with no network call, so a restart never changes the
-    weights). When it is not, make sure the hub answers at all, or fail in
-    seconds with one message instead of a minute of download retries."""
-    if os.path.isdir(os.path.expanduser(name)):
-        return False
-    from huggingface_hub import constants, try_to_load_from_cache
-    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-        return True
-    if constants.HF_HUB_OFFLINE:
-        return False  # transformers says what is missing from the cache
-    host = urllib.parse.urlsplit(constants.ENDPOINT)
-    try:
-        socket.create_connection((host.hostname, host.port or 443), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ModelLoadError(
-            f"{name} is not in the Hugging Face cache and {constants.ENDPOINT} cannot be reached "
-            f"to download it ({exc.strerror or exc})\nWhat to do: on a machine without the hub, "
-            "fill the cache first (HF_HOME) and set HF_HUB_OFFLINE=1, or pass --model a local "
-            "directory written by save_pretrained") from exc
-    return False
-
-
-def public_name(name: str) -> str:
-    """The name a checkpoint is shown under: a hub id as given, a local
-    directory by its base name, so that no local path leaves the process."""
-    return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
-
-
 def _features(output: torch.Tensor | object) -> torch.Tensor:
     # transformers 4.x returns the projected tensor; 5.x a ModelOutput whose
     # pooler_output is the projected tensor.
@@ -123,13 +70,13 @@ class ClipEncoder:
     `cuda_graphs` is off or capturing fails."""
 
     def __init__(self, name: str, device: str = "auto", dtype: str = "auto",
-                 batch_size: int = 64, cuda_graphs: bool = True, revision: str = "") -> None:
+                 batch_size: int = 64, cuda_graphs: bool = True, revision: str = "",
+                 hub: dict | None = None) -> None:
+        """`hub`: `checkpoint.locate(name, revision)`, when the caller has it already."""
         self.device, self.dtype = resolve_device(device, dtype)
         self.batch_size = batch_size
         started = time.perf_counter()
-        _check_local(name, revision)
-        cached = _check_hub(name, revision or None)
-        hub = {"local_files_only": cached, "revision": revision or None}
+        hub = hub if hub is not None else locate(name, revision)
         try:
             model = CLIPModel.from_pretrained(name, dtype=torch.float32, **hub)
             self.tokenizer = AutoTokenizer.from_pretrained(name, **hub)

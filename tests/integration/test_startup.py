@@ -20,22 +20,29 @@ from tests.services import (ROOT, TEST_MODEL, Service, eventually, free_port, ph
 
 
 def test_embedder_refuses_a_model_it_cannot_load(tmp_path):
-    (tmp_path / "empty").mkdir()  # a directory, but no checkpoint in it
+    """A directory with no checkpoint in it, refused before torch loads
+    (tests/unit/test_model.py: what transformers refuses)."""
+    (tmp_path / "empty").mkdir()
+    started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", str(tmp_path / "empty")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2
+    assert time.monotonic() - started < 3
     assert "cannot load CLIP checkpoint" in run.stderr and "What to do" in run.stderr
     assert "listening" not in run.stderr  # never serves some other model instead
 
 
 def test_a_mistyped_model_directory_says_no_such_directory(tmp_path):
+    """Found before torch and transformers load: in well under 3 s."""
+    started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", "./no/such/dir"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2
+    assert time.monotonic() - started < 3
     assert "no such directory: ./no/such/dir" in run.stderr
-    assert "Repo id" not in run.stderr
+    assert "Repo id" not in run.stderr and "loading model" not in run.stderr
 
 
 def test_gpu_decoding_without_a_gpu_is_a_start_up_error():
@@ -179,15 +186,16 @@ def test_certificate_expiry_is_checked_at_start(tmp_path, days, exits):
 def test_no_network_and_no_offline_flag_fails_fast_with_one_message(tmp_path):
     """A hub id that is not in the cache, on a machine without a network
     (here a network namespace of its own, with no interface up: nothing
-    leaves the machine) and without HF_HUB_OFFLINE: one clear message in
-    seconds, not a minute of retry warnings."""
+    leaves the machine) and without HF_HUB_OFFLINE: one clear message before
+    torch and transformers load, not a minute of retry warnings."""
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     started = time.monotonic()
     run = subprocess.run(["unshare", "--net", sys.executable, "-m", "embedder_service",
                           "--model", "some-org/clip-not-cached"], capture_output=True, text=True,
                          timeout=120, cwd=ROOT, env={**env, "HF_HOME": str(tmp_path / "hf")})
     assert run.returncode == 2, run.stderr
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - started < 5
+    assert "loading model" not in run.stderr
     assert "some-org/clip-not-cached is not in the Hugging Face cache" in run.stderr
     assert "HF_HUB_OFFLINE=1" in run.stderr and "Retrying" not in run.stderr
 

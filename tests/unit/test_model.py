@@ -12,7 +12,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
-from embedder_service.model import ClipEncoder, ModelLoadError
+from embedder_service.checkpoint import ModelLoadError
+from embedder_service.model import ClipEncoder
 from embedder_service.preprocess import decode_image
 from tests.services import ROOT, TEST_MODEL
 
@@ -84,8 +85,12 @@ def test_half_precision_agrees_with_float32(encoder):
     assert cosines.min() >= 0.999, cosines
 
 
-def test_unloadable_model_says_what_to_do(tmp_path):
-    with pytest.raises(ModelLoadError, match="What to do"):
+@pytest.mark.parametrize("config", [None, "{}"], ids=["no-config", "config-without-weights"])
+def test_unloadable_model_says_what_to_do(tmp_path, config):
+    """Refused before transformers is asked (no config.json), or by it."""
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ModelLoadError, match=r"cannot load CLIP checkpoint[^\n]*\nWhat to do"):
         ClipEncoder(str(tmp_path), device="cpu")
 
 
