@@ -167,13 +167,13 @@ def main() -> None:
             ("--images", 256, "distinct photo JPEGs"),
             ("--clients", 8, "concurrent callers of each run"),
             ("--batch", 64, "images per request (per Ingest stream)"),
-            ("--ingest-batch", 64, "the search service's --ingest-batch")):
+            ("--ingest-batch", 64, "the search service's --ingest-batch"),
+            ("--embedder-args", "--preprocess-workers 2 --max-queue 100000",
+             "extra embedder flags"),
+            ("--search-args", "", "extra search-service flags")):
         parser.add_argument(flag, type=type(default), default=default, help=what)
     parser.add_argument("--workers", type=int, nargs="+", default=[1],
                         help="search-service --workers settings to run, one after another")
-    parser.add_argument("--embedder-args", default="--preprocess-workers 2 --max-queue 100000",
-                        help="extra embedder flags")
-    parser.add_argument("--search-args", default="", help="extra search-service flags")
     parser.add_argument("--baseline", type=Path,
                         help="also run, first, a single-process search service from this "
                              "checkout of an earlier commit (e.g. `git archive COMMIT | tar -x "

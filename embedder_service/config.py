@@ -33,6 +33,7 @@ def build_parser() -> EnvArgumentParser:
         prog="python -m embedder_service", env_prefix="EMBEDDER_",
         description="Serve CLIP text and image embeddings over gRPC (imagesearch.v1.EmbedderService). "
                     "Vectors are L2-normalised; texts longer than the model's context are truncated.")
+    p.section("model")
     p.env_flag("--model", default=DEFAULT_MODEL,
                help="CLIP checkpoint: a Hugging Face hub id or a local directory written by "
                     "save_pretrained. Offline machines need a local directory (or a filled "
@@ -44,7 +45,15 @@ def build_parser() -> EnvArgumentParser:
                help="torch device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.env_flag("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                help="weights dtype: auto is float16 on CUDA and float32 on CPU")
+    p.env_flag("--cuda-graphs", default=True, type=boolean,
+               help="on CUDA, replay text encoding from CUDA graphs captured at start-up (one "
+                    "per batch and length bucket), so single queries are not launch-bound "
+                    "(true or false; ignored on CPU)")
+    p.env_flag("--torch-threads", default=0, type=int,
+               help="CPU threads torch may use for one forward pass; 0 keeps torch's default "
+                    "(all cores). Lower it when other busy processes share the cores")
     p.server_flags(port=50051)
+    p.section("batching")
     p.env_flag("--max-batch-items", default=512, type=positive_int,
                help="most texts or images accepted in one request (more: INVALID_ARGUMENT)")
     p.env_flag("--batch-size", default=64, type=positive_int,
@@ -57,6 +66,7 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--max-queue", default=4096, type=positive_int,
                help="most items waiting for the model; beyond it requests get RESOURCE_EXHAUSTED "
                     "at once instead of piling up into timeouts")
+    p.section("images")
     p.env_flag("--preprocess-workers", default=os.cpu_count() or 1, type=positive_int,
                help="threads that decode and resize images in parallel")
     p.env_flag("--preprocess-mode", default="auto", choices=["auto", "thread", "process"],
@@ -69,13 +79,6 @@ def build_parser() -> EnvArgumentParser:
                     "rest still go to the CPU workers); cpu is Pillow, pixel-exact with "
                     "transformers. auto is gpu when CUDA and torchvision with nvJPEG are "
                     "present, else cpu")
-    p.env_flag("--cuda-graphs", default=True, type=boolean,
-               help="on CUDA, replay text encoding from CUDA graphs captured at start-up (one "
-                    "per batch and length bucket), so single queries are not launch-bound "
-                    "(true or false; ignored on CPU)")
-    p.env_flag("--torch-threads", default=0, type=int,
-               help="CPU threads torch may use for one forward pass; 0 keeps torch's default "
-                    "(all cores). Lower it when other busy processes share the cores")
     p.env_flag("--max-image-pixels", default=50_000_000, type=positive_int,
                help="images declaring more pixels are refused before decoding "
                     "(decompression-bomb guard); formats that cost more to decode get less: "

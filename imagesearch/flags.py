@@ -90,6 +90,12 @@ class EnvArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
         self.env_prefix = env_prefix
+        self._section: Any = None  # the argument group env_flag adds to
+
+    def section(self, title: str) -> None:
+        """File the flags added from here on under their own heading in
+        --help, so thirty flags read as a few topics."""
+        self._section = self.add_argument_group(title)
 
     def env_flag(self, flag: str, *, default: Any, help: str,
                  type: Callable[[str], Any] = str, **kwargs: Any) -> None:
@@ -104,11 +110,12 @@ class EnvArgumentParser(argparse.ArgumentParser):
             if "choices" in kwargs and default not in kwargs["choices"]:
                 self.error(f"environment variable {env}={raw!r} is invalid: choose from "
                            f"{', '.join(map(str, kwargs['choices']))}")
-        self.add_argument(flag, default=default, type=type, help=f"{help} [env: {env}]", **kwargs)
-
+        (self._section or self).add_argument(flag, default=default, type=type,
+                                             help=f"{help} [env: {env}]", **kwargs)
 
     def server_flags(self, port: int) -> None:
         """The flags every gRPC server of ours has."""
+        self.section("serving")
         self.env_flag("--host", default="0.0.0.0", help="address to listen on")
         self.env_flag("--port", default=port, type=int, help="port to listen on")
         self.env_flag("--health-port", default=0, type=int,
@@ -120,6 +127,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
                       help="Prometheus metrics on http://HOST:PORT/metrics; 0 (the default) "
                            "turns them off, so two local instances never clash. The container "
                            "images and manifests set 9101 (embedder) and 9102 (search)")
+        self.section("limits and operation")
         self.env_flag("--reflection", default=True, type=boolean,
                       help="gRPC server reflection, so grpcurl and other generic tools can list "
                            "and call the services (true or false)")
@@ -133,6 +141,7 @@ class EnvArgumentParser(argparse.ArgumentParser):
         self.env_flag("--log-level", default="info", help="debug, info, warning or error")
         self.env_flag("--log-format", default="text", choices=["text", "json"],
                       help="text lines, or one JSON object per line for log collectors")
+        self.section("TLS")
         self.env_flag("--tls-cert", default="",
                       help="PEM certificate chain: serve TLS only (needs --tls-key)")
         self.env_flag("--tls-key", default="", help="PEM private key of --tls-cert")

@@ -53,29 +53,21 @@ def build_parser() -> EnvArgumentParser:
                     "by default, or a server with --milvus-uri). A Milvus token is read from "
                     "SEARCH_MILVUS_TOKEN only.")
     p.server_flags(port=50052)
+    p.section("embedder")
     p.env_flag("--embedder", default="localhost:50051", help="embedder service address HOST:PORT")
     p.env_flag("--embedder-timeout-s", default=30.0, type=positive_float,
                help="longest wait for one embedder call; a shorter caller deadline wins")
-    p.env_flag("--milvus-uri", default="",
-               help="Milvus server URI, e.g. http://localhost:19530; empty: embedded Milvus Lite "
-                    "file DATA_DIR/milvus.db")
-    p.env_flag("--data-dir", default="./data", help="where the Milvus Lite file lives")
-    p.env_flag("--collection", default="images", help="collection used when a request names none")
-    p.env_flag("--auth-token-file", default="",
-               help="file of accepted client tokens, one per line; with it (or with the "
-                    "SEARCH_AUTH_TOKEN environment variable) every call but health checks needs "
-                    "metadata 'authorization: Bearer TOKEN'")
     p.env_flag("--embedder-tls-ca", default="",
                help="PEM CA that signed the embedder's certificate: call the embedder over TLS")
     p.env_flag("--embedder-tls-cert", default="",
                help="PEM client certificate for mutual TLS with the embedder (needs the key)")
     p.env_flag("--embedder-tls-key", default="", help="PEM private key of --embedder-tls-cert")
-    p.env_flag("--ingest-batch", default=32, type=positive_int,
-               help="most ingest items embedded and written together")
-    p.env_flag("--stream-idle-s", default=300.0, type=positive_float,
-               help="an Ingest stream that sends no message for this long ends with "
-                    "DEADLINE_EXCEEDED (after acknowledging what it stored), so idle streams "
-                    "do not hold memory and connections for ever")
+    p.section("Milvus")
+    p.env_flag("--milvus-uri", default="",
+               help="Milvus server URI, e.g. http://localhost:19530; empty: embedded Milvus Lite "
+                    "file DATA_DIR/milvus.db")
+    p.env_flag("--data-dir", default="./data", help="where the Milvus Lite file lives")
+    p.env_flag("--collection", default="images", help="collection used when a request names none")
     p.env_flag("--milvus-timeout-s", default=10.0, type=positive_float,
                help="longest wait for one Milvus call; then UNAVAILABLE")
     p.env_flag("--milvus-write-kb", default=16384, type=at_least(128),
@@ -89,6 +81,17 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--hnsw-ef", default=64, type=positive_int,
                help="HNSW search ef on a Milvus server (raised to top_k + offset when lower): "
                     "higher is more accurate and slower")
+    p.section("ingest and access")
+    p.env_flag("--ingest-batch", default=32, type=positive_int,
+               help="most ingest items embedded and written together")
+    p.env_flag("--stream-idle-s", default=300.0, type=positive_float,
+               help="an Ingest stream that sends no message for this long ends with "
+                    "DEADLINE_EXCEEDED (after acknowledging what it stored), so idle streams "
+                    "do not hold memory and connections for ever")
+    p.env_flag("--auth-token-file", default="",
+               help="file of accepted client tokens, one per line; with it (or with the "
+                    "SEARCH_AUTH_TOKEN environment variable) every call but health checks needs "
+                    "metadata 'authorization: Bearer TOKEN'")
     from search_service.workers import MAX_AUTO_WORKERS, available_cores
     p.env_flag("--workers", default=1, type=at_least(0),
                help="search processes serving --port together (SO_REUSEPORT), each with its own "
