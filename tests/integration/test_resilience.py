@@ -239,11 +239,10 @@ def test_requests_are_cut_by_their_encoded_size(tmp_path):
         search.stop(), embedder.stop()
 
 
-def test_a_response_too_large_for_one_message_says_how_to_fix_it(tmp_path):
+def test_a_response_too_large_for_one_message_says_how_to_fix_it(embedder_service, tmp_path):
     """Hits whose metadata add up to more than the message limit: OUT_OF_RANGE
     with what to do, counted as such (never OK), and the service goes on."""
-    embedder = start_embedder(tmp_path).wait_ready()
-    search = start_search(tmp_path, embedder.address, "--max-message-mb", "1").wait_ready()
+    search = start_search(tmp_path, embedder_service.address, "--max-message-mb", "1").wait_ready()
     try:
         with SearchClient(search.address, max_message_mb=1) as client:
             items = [IngestItem(photo(80 + i), f"{i}", {"note": "x" * 60_000}) for i in range(20)]
@@ -259,7 +258,7 @@ def test_a_response_too_large_for_one_message_says_how_to_fix_it(tmp_path):
         assert metric(samples, "grpc_server_handled_total", grpc_method="SearchByText",
                       grpc_code="OK") == 1
     finally:
-        search.stop(), embedder.stop()
+        search.stop()
 
 
 def test_an_idle_ingest_stream_is_closed_and_keeps_what_it_stored(embedder_service, tmp_path):
