@@ -114,39 +114,13 @@ class EnvArgumentParser(argparse.ArgumentParser):
                                              help=f"{help} [env: {env}]", **kwargs)
 
     def server_flags(self, port: int) -> None:
-        """The flags every gRPC server of ours has."""
-        self.section("serving")
-        self.env_flag("--host", default="0.0.0.0", help="address to listen on")
-        self.env_flag("--port", default=port, type=int, help="port to listen on")
-        self.env_flag("--health-port", default=0, type=int,
-                      help="also serve grpc.health.v1, and nothing else, in plaintext on this "
-                           "port, for probes that cannot speak TLS (Kubernetes gRPC probes). "
-                           "Keep it off the Service: it answers anyone who reaches it. 0 (the "
-                           "default) turns it off")
-        self.env_flag("--metrics-port", default=0, type=int,
-                      help="Prometheus metrics on http://HOST:PORT/metrics; 0 (the default) "
-                           "turns them off, so two local instances never clash. The container "
-                           "images and manifests set 9101 (embedder) and 9102 (search)")
-        self.section("limits and operation")
-        self.env_flag("--reflection", default=True, type=boolean,
-                      help="gRPC server reflection, so grpcurl and other generic tools can list "
-                           "and call the services (true or false)")
-        self.env_flag("--max-message-mb", default=64, type=positive_int,
-                      help="largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)")
-        self.env_flag("--max-streams", default=100, type=positive_int,
-                      help="concurrent calls one client connection may have open (HTTP/2 "
-                           "SETTINGS_MAX_CONCURRENT_STREAMS); more wait for a free one")
-        self.env_flag("--grace-s", default=10.0, type=positive_float,
-                      help="on SIGTERM, seconds in-flight calls get to finish")
-        self.env_flag("--log-level", default="info", help="debug, info, warning or error")
-        self.env_flag("--log-format", default="text", choices=["text", "json"],
-                      help="text lines, or one JSON object per line for log collectors")
-        self.section("TLS")
-        self.env_flag("--tls-cert", default="",
-                      help="PEM certificate chain: serve TLS only (needs --tls-key)")
-        self.env_flag("--tls-key", default="", help="PEM private key of --tls-cert")
-        self.env_flag("--tls-client-ca", default="",
-                      help="PEM CA: also require client certificates it signed (mutual TLS)")
+        """The flags every gRPC server of ours has (`_SERVER_FLAGS`); `port` is
+        the service's default port."""
+        for section, flags in _SERVER_FLAGS.items():
+            self.section(section)
+            for flag, default, type, help, *choices in flags:
+                self.env_flag(flag, default=port if flag == "--port" else default, type=type,
+                              help=help, **({"choices": choices[0]} if choices else {}))
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -177,3 +151,37 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise ValueError(f"must be above 0, got {value}")
     return value
+
+
+# section -> (flag, default, type, help[, choices]); --port's default is each service's own.
+_SERVER_FLAGS: dict[str, tuple[tuple, ...]] = {
+    "serving": (
+        ("--host", "0.0.0.0", str, "address to listen on"),
+        ("--port", 0, int, "port to listen on"),
+        ("--health-port", 0, int,
+         "also serve grpc.health.v1, and nothing else, in plaintext on this port, for probes "
+         "that cannot speak TLS (Kubernetes gRPC probes). Keep it off the Service: it answers "
+         "anyone who reaches it. 0 (the default) turns it off"),
+        ("--metrics-port", 0, int,
+         "Prometheus metrics on http://HOST:PORT/metrics; 0 (the default) turns them off, so "
+         "two local instances never clash. The container images and manifests set 9101 "
+         "(embedder) and 9102 (search)")),
+    "limits and operation": (
+        ("--reflection", True, boolean,
+         "gRPC server reflection, so grpcurl and other generic tools can list and call the "
+         "services (true or false)"),
+        ("--max-message-mb", 64, positive_int,
+         "largest request or response message, in MiB (more: RESOURCE_EXHAUSTED)"),
+        ("--max-streams", 100, positive_int,
+         "concurrent calls one client connection may have open (HTTP/2 "
+         "SETTINGS_MAX_CONCURRENT_STREAMS); more wait for a free one"),
+        ("--grace-s", 10.0, positive_float, "on SIGTERM, seconds in-flight calls get to finish"),
+        ("--log-level", "info", str, "debug, info, warning or error"),
+        ("--log-format", "text", str, "text lines, or one JSON object per line for log "
+         "collectors", ["text", "json"])),
+    "TLS": (
+        ("--tls-cert", "", str, "PEM certificate chain: serve TLS only (needs --tls-key)"),
+        ("--tls-key", "", str, "PEM private key of --tls-cert"),
+        ("--tls-client-ca", "", str,
+         "PEM CA: also require client certificates it signed (mutual TLS)")),
+}
