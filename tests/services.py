@@ -23,6 +23,10 @@ from bench.harness import (ROOT, TEST_MODEL, MilvusServer, Service, free_port,  
                            metric, scrape, scrape_url, start_embedder, start_search)
 
 EVAL_PER_LABEL = 10  # images per label in the session's evaluation set (conftest.py)
+# For what the Milvus backend does not change (the CLI's own parsing and
+# output, its error messages): the session's search service on Milvus Lite
+# only, instead of once per backend.
+LITE_ONLY = pytest.mark.parametrize("search_service", ["lite"], indirect=True)
 
 
 def eventually(predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.05) -> None:

@@ -12,7 +12,7 @@ import sys
 
 from PIL import Image
 
-from tests.services import ROOT, free_port, imgsearch, photo, start_search
+from tests.services import LITE_ONLY, ROOT, free_port, imgsearch, photo, start_search
 
 ID = re.compile(r"\b[0-9a-f]{64}\b")
 
@@ -33,6 +33,7 @@ def _run(server: str, *args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                           env={**os.environ, "IMGSEARCH_SERVER": server})
 
 
+@LITE_ONLY
 def test_search_prints_full_ids_that_delete_takes(search_service, tmp_path):
     folder = _folder(tmp_path, "ids", range(1100, 1104))
     assert imgsearch(search_service.address, "--collection", "cli_ids", "ingest", str(folder),
@@ -44,6 +45,7 @@ def test_search_prints_full_ids_that_delete_takes(search_service, tmp_path):
     assert run.returncode == 0 and "deleted 1" in run.stdout, run.stdout + run.stderr
 
 
+@LITE_ONLY
 def test_ingest_json_prints_each_id(search_service, tmp_path):
     folder = _folder(tmp_path, "json", range(1110, 1112))
     run = imgsearch(search_service.address, "--collection", "cli_json", "ingest", str(folder),
@@ -72,6 +74,7 @@ def test_empty_results_say_why(search_service, tmp_path):
     assert "no hits: cli_empty is empty: ingest images first" in run.stderr, run.stderr
 
 
+@LITE_ONLY
 def test_a_relative_uri_prefix_matches_as_ingest_stored_it(search_service, tmp_path):
     folder = _folder(tmp_path, "rel", range(1130, 1134))
     imgsearch(search_service.address, "--collection", "cli_rel", "ingest", str(folder), "-q")
@@ -81,11 +84,13 @@ def test_a_relative_uri_prefix_matches_as_ingest_stored_it(search_service, tmp_p
     assert len(hits) == 2 and all(h["uri"].startswith(str(folder / "dogs") + "/") for h in hits)
 
 
+@LITE_ONLY
 def test_global_flags_work_after_the_command(search_service):
     run = _run("127.0.0.1:1", "stats", "--server", search_service.address, "--timeout", "30")
     assert run.returncode == 0 and "collection images:" in run.stdout, run.stderr
 
 
+@LITE_ONLY
 def test_errors_name_who_failed_and_what_to_do(search_service, embedder_service, tmp_path):
     run = _run(embedder_service.address, "stats")  # the embedder's port by mistake
     assert "UNIMPLEMENTED" in run.stderr and "is not a search service (the embedder's port?)" in run.stderr
@@ -119,6 +124,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(search_service, tmp_p
     assert int(summary[1]) + int(summary[2]) == 600
 
 
+@LITE_ONLY
 def test_output_ranks_labels_files_and_grid_labels(search_service, tmp_path):
     folder = _folder(tmp_path, "out", range(1140, 1148))
     (folder / "notes.txt").write_text("not an image")

@@ -15,7 +15,7 @@ from imagesearch.cli import find_images
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import LABELS, caption
 from imagesearch.v1 import search_pb2, search_pb2_grpc
-from tests.services import EVAL_PER_LABEL, imgsearch, photo, start_search
+from tests.services import EVAL_PER_LABEL, LITE_ONLY, imgsearch, photo, start_search
 
 
 def test_ingest_summary(ingested):
@@ -99,6 +99,7 @@ def test_cli_stats_and_delete(search_service, ingested):
     assert run.returncode == 0 and "deleted 0" in run.stdout and "not found: " + "f" * 64 in run.stdout
 
 
+@LITE_ONLY
 def test_cli_ingest_reports_a_file_it_cannot_send_alone(search_service, eval_images, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -195,6 +196,7 @@ def test_a_caller_that_waits_for_each_acknowledgement_gets_it(search_service):
         assert list(responses) == []
 
 
+@LITE_ONLY
 def test_cli_escapes_control_characters_that_other_callers_stored(search_service, tmp_path):
     """A uri with a terminal title sequence and a line break (here a file
     name: ingest stores the path) is printed escaped: no raw escape, no
