@@ -34,7 +34,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
-        """The current status, then each change; after shutdown's NOT_SERVING, the end."""
+        """The current status, then each change; once shutdown has begun, the
+        last status (NOT_SERVING, or SERVICE_UNKNOWN for a name never set)
+        and the end. A Watch begun during shutdown (the health-only port
+        still answers then) stays open until its server stops, so that a
+        client that re-opens ended Watches at once cannot spin on it."""
+        if self._closing:
+            await context.write(health_pb2.HealthCheckResponse(status=self._status.get(
+                request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)))
+            await asyncio.get_running_loop().create_future()  # cancelled when the server stops
         sent = None
         while True:
             async with self._changed:  # released while writing: a slow watcher blocks no one
