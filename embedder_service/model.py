@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ class ClipEncoder:
         self.batch_size = batch_size
         started = time.perf_counter()
         hub = hub if hub is not None else locate(name, revision)
+        name = os.path.expanduser(name)  # as locate checked it: "~/m" from an env file is a path
         try:
             model = CLIPModel.from_pretrained(name, dtype=torch.float32, **hub)
             self.tokenizer = AutoTokenizer.from_pretrained(name, **hub)

@@ -126,3 +126,10 @@ def test_hub_revision_loads_that_commit_and_no_other(tmp_path, encoder):
     assert run.returncode != 0  # the second revision is not there
     assert run.stdout.split() == [encoder.info.fingerprint]  # the first loaded
     assert f"at revision {'b' * 40}" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_home_relative_directory_loads(tmp_path, monkeypatch):
+    """"~/m", as an env file passes it unexpanded, is the directory it names."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(TEST_MODEL, tmp_path / "m")
+    assert ClipEncoder("~/m", device="cpu").info.name == "m"
