@@ -196,7 +196,6 @@ def test_a_caller_that_waits_for_each_acknowledgement_gets_it(search_service):
         assert list(responses) == []
 
 
-@LITE_ONLY
 def test_cli_escapes_control_characters_that_other_callers_stored(search_service, tmp_path):
     """A uri with a terminal title sequence and a line break (here a file
     name: ingest stores the path) is printed escaped: no raw escape, no
