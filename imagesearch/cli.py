@@ -90,10 +90,11 @@ def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
                 counts[result.status] += 1
                 if result.status == IngestResult.STATUS_FAILED:
                     failures.append((result.uri, result.error))
-                if args.json:
+                if args.json:  # a line per result as it comes, even into a pipe
                     print(json.dumps({"index": result.index, "id": result.id, "uri": result.uri,
                                       "status": IngestResult.Status.Name(result.status)
-                                      .removeprefix("STATUS_").lower(), "error": result.error}))
+                                      .removeprefix("STATUS_").lower(), "error": result.error}),
+                          flush=True)
                 bar.update(sum(counts.values()) + len(unsent) - bar.n)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once

@@ -109,9 +109,13 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(search_service, tmp_p
     folder = _folder(tmp_path, "ctrlc", range(1200, 1800), labels=("a", "b", "c"))
     command = [sys.executable, "-m", "imagesearch.cli", "--server", search_service.address,
                "--collection", "cli_ctrlc", "ingest", str(folder), "-q", "--json"]
+    # Ctrl-C as at a terminal: a CLI started from a background job inherits
+    # SIGINT ignored (as the shell asks for `&` commands) and rightly keeps it so.
     ingest = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                          signal.SIG_DFL))
     assert ingest.stdout.readline()  # the first result: the stream is under way
+    assert ingest.poll() is None  # --json lines come as results do, even into a pipe
     ingest.send_signal(signal.SIGINT)
     out, err = ingest.communicate(timeout=30)
     assert ingest.returncode == 130, err
