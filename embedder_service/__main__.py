@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     setup_logging(config.log_level, config.log_format)
     check_server_flags(config, "embedder")
+    if config.image_decode == "gpu" and config.device == "cpu":
+        exit_startup("--image-decode gpu: GPU JPEG decoding needs a CUDA device, not --device cpu")
     tracing.setup("imagesearch-embedder")
     try:
         hub = checkpoint.locate(config.model, config.model_revision)

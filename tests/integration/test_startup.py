@@ -46,12 +46,16 @@ def test_a_mistyped_model_directory_says_no_such_directory(tmp_path):
 
 
 def test_gpu_decoding_without_a_gpu_is_a_start_up_error():
+    """With --device cpu a flag contradiction, found before torch loads."""
+    started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "embedder_service", "--model", str(TEST_MODEL),
                           "--device", "cpu", "--image-decode", "gpu", "--port", str(free_port())],
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2, run.stderr
+    assert time.monotonic() - started < 3
     assert "--image-decode gpu: GPU JPEG decoding needs a CUDA device" in run.stderr
+    assert "loading model" not in run.stderr
 
 
 def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_service, embedder):
