@@ -19,42 +19,42 @@ def locate(name: str, revision: str = "") -> dict:
     the hub's default): from the local cache only, when it holds it. Raises
     ModelLoadError for a path that is no directory, a revision asked of a
     directory, or a hub id neither cached nor reachable."""
-    _check_local(name, revision)
-    return {"local_files_only": _check_hub(name, revision or None), "revision": revision or None}
-
-
-def _check_local(name: str, revision: str) -> None:
-    """A name written as a path must be a directory: otherwise transformers
-    would try it as a hub id and answer with the hub's naming rules. A
-    directory has no revisions, so asking for one is a mistake, and one
-    without config.json (an empty volume, say) holds no checkpoint."""
     directory = os.path.expanduser(name)
-    if os.path.isdir(directory) and not os.path.isfile(os.path.join(directory, "config.json")):
+    if os.path.isdir(directory):
+        _check_directory(name, directory, revision)
+        return {"local_files_only": False, "revision": None}
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        # Written as a path: transformers would try it as a hub id and answer
+        # with the hub's naming rules.
+        raise ModelLoadError(
+            f"no such directory: {name}\nWhat to do: pass --model (or EMBEDDER_MODEL) a directory "
+            "written by CLIPModel.save_pretrained, or a hub id such as "
+            "openai/clip-vit-base-patch32")
+    return {"local_files_only": _in_cache_or_reachable(name, revision or None),
+            "revision": revision or None}
+
+
+def _check_directory(name: str, directory: str, revision: str) -> None:
+    """A directory has no revisions, so asking for one is a mistake, and one
+    without config.json (an empty volume, say) holds no checkpoint."""
+    if not os.path.isfile(os.path.join(directory, "config.json")):
         raise ModelLoadError(
             f"cannot load CLIP checkpoint {name!r}: the directory has no config.json\n"
             "What to do: pass --model (or EMBEDDER_MODEL) a directory written by "
             "CLIPModel.save_pretrained (config.json, weights, tokenizer and "
             "preprocessor_config.json), or a hub id such as openai/clip-vit-base-patch32")
-    if revision and os.path.isdir(directory):
+    if revision:
         raise ModelLoadError(
             f"--model-revision {revision} applies to hub ids, and {name} is a local directory\n"
             "What to do: drop --model-revision (EMBEDDER_MODEL_REVISION): a directory's "
             "weights are whatever it holds")
-    as_path = name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
-    if as_path and not os.path.isdir(directory):
-        raise ModelLoadError(
-            f"no such directory: {name}\nWhat to do: pass --model (or EMBEDDER_MODEL) a directory "
-            "written by CLIPModel.save_pretrained, or a hub id such as "
-            "openai/clip-vit-base-patch32")
 
 
-def _check_hub(name: str, revision: str | None, timeout_s: float = 3.0) -> bool:
+def _in_cache_or_reachable(name: str, revision: str | None, timeout_s: float = 3.0) -> bool:
     """For a hub id: True when the checkpoint is in the local cache (it then
     loads from there, with no network call, so a restart never changes the
     weights). When it is not, make sure the hub answers at all, or fail in
     seconds with one message instead of a minute of download retries."""
-    if os.path.isdir(os.path.expanduser(name)):
-        return False
     from huggingface_hub import constants, try_to_load_from_cache
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return True
