@@ -139,17 +139,18 @@ def test_embedder_killed_under_search_load(tmp_path):
 
 
 def test_caller_deadline_reaches_the_embedder_and_costs_no_model_time(tmp_path):
-    """Batches wait 500 ms to fill, so a search with a 150 ms deadline expires
-    in the embedder's queue: the embedder answers DEADLINE_EXCEEDED itself
-    (it got the caller's deadline, not the search service's 30 s) and runs
-    no forward pass for it."""
-    embedder = start_embedder(tmp_path, "--batch-wait-ms", "500").wait_ready()
+    """Batches wait 2 s to fill, so a search with a 1 s deadline expires in
+    the embedder's queue: the embedder answers DEADLINE_EXCEEDED itself (it
+    got the caller's deadline, not the search service's 30 s) and runs no
+    forward pass for it. (With 150 ms on a loaded machine, the deadline
+    could pass before the search service had forwarded the call at all.)"""
+    embedder = start_embedder(tmp_path, "--batch-wait-ms", "2000").wait_ready()
     search = start_search(tmp_path, embedder.address).wait_ready()
     try:
         with SearchClient(search.address, timeout_s=30) as client:
             client.search_text("a photo of a red circle")  # opens the collection, warms the path
             before = scrape(embedder)
-            with SearchClient(search.address, timeout_s=0.15) as hasty:
+            with SearchClient(search.address, timeout_s=1.0) as hasty:
                 with pytest.raises(grpc.RpcError) as info:
                     hasty.search_text("a photo of a blue square")
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
