@@ -7,6 +7,8 @@
 - `InFlight`: the images being written by any stream of this process. A
   second stream of the same image waits for that write and answers
   ALREADY_PRESENT, so each new image gets exactly one INSERTED per process.
+- `SharedCalls`: the Milvus reads and writes of every stream of this
+  process, coalesced (concurrent streams' batches go out as one call).
 - `IngestPipeline`: reads ahead (bounded in items and bytes), embeds batch
   n+1 while batch n is written, and sends each batch's results as soon as
   its write returns, in stream order.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +26,7 @@ from prometheus_client import Counter
 
 from imagesearch.v1 import search_pb2
 from search_service import consistency, validation
+from search_service.coalesce import Coalescer
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import (CollectionNotFound, DeadlineExceeded, InvalidArgument,
                                    ModelMismatch, ServiceError)
@@ -106,36 +110,79 @@ class InFlight:
                 future.set_result(error)
 
 
+class SharedCalls:
+    """The existence reads and the writes (each with its consistency token)
+    of all ingest streams of this process. `milvus(fn, *args)` runs a
+    blocking store call off the event loop."""
+
+    MAX_IDS = 4096  # in one coalesced read, and rows in one coalesced write
+
+    def __init__(self, store: MilvusStore, milvus: Callable[..., Awaitable]) -> None:
+        self._store, self._milvus = store, milvus
+        self._reads = Coalescer(self._read, self.MAX_IDS)
+        self._writes = Coalescer(self._write, self.MAX_IDS)
+
+    async def existing(self, collection: str, ids: list[str]) -> set[str]:
+        """Which of `ids` are stored (a Strong read)."""
+        return await self._reads(collection, ids, len(ids))
+
+    async def write(self, collection: str, rows: list[Row]) -> str:
+        """Write `rows`; the consistency token of a read that sees them."""
+        return await self._writes(collection, rows, len(rows))
+
+    async def _read(self, collection: str, id_lists: list[list[str]]) -> list[set[str]]:
+        ids = list(dict.fromkeys(id_ for ids in id_lists for id_ in ids))
+        found = await self._milvus(self._store.existing_ids, collection, ids)
+        return [found.intersection(ids) for ids in id_lists]
+
+    async def _write(self, collection: str, row_lists: list[list[Row]]) -> list[str]:
+        def write_and_stamp() -> str:
+            self._store.write(collection, [row for rows in row_lists for row in rows])
+            # Taken after the write, so the token covers it, and covers the
+            # rows the batches found present (seen by Strong reads before it).
+            return consistency.encode(self._store.timestamp())
+        return [await self._milvus(write_and_stamp)] * len(row_lists)
+
+
 class _ReadAhead:
-    """At most `max_items` items and `max_bytes` of image bytes (a larger
-    single item still fits alone). One reader puts, one consumer takes."""
+    """Items read but not yet taken: at most `max_items` and `max_bytes` of
+    image bytes, except that what arrives when it is empty always fits. One
+    reader puts each message's items at once, one consumer takes batches.
+    Entries are Items, then possibly one end: _END or the error that ended
+    the stream."""
 
     def __init__(self, max_items: int, max_bytes: int) -> None:
-        self._queue: asyncio.Queue = asyncio.Queue(max_items)
-        self._bytes, self._max_bytes = 0, max_bytes
-        self._taken = asyncio.Event()
+        self._entries: collections.deque = collections.deque()
+        self._bytes, self._max_items, self._max_bytes = 0, max_items, max_bytes
+        self._put, self._taken = asyncio.Event(), asyncio.Event()
 
-    async def put(self, item, size: int = 0) -> None:
-        while self._bytes and self._bytes + size > self._max_bytes:
+    async def put(self, entries: list, size: int = 0) -> None:
+        while self._entries and (len(self._entries) + len(entries) > self._max_items
+                                 or self._bytes + size > self._max_bytes):
             self._taken.clear()
             await self._taken.wait()
+        self._entries.extend(entries)
         self._bytes += size
-        await self._queue.put((item, size))
+        self._put.set()
 
-    def _release(self, entry):
-        item, size = entry
+    async def take(self, max_items: int, max_bytes: int) -> list:
+        """One entry or more: the first to come, then what else is there, up to
+        `max_items` and until `max_bytes` is reached; an end comes last."""
+        while not self._entries:
+            self._put.clear()
+            await self._put.wait()
+        taken, size = [], 0
+        while self._entries:
+            entry = self._entries.popleft()
+            taken.append(entry)
+            if not isinstance(entry, Item):
+                break
+            size += len(entry.image)
+            if len(taken) == max_items or size >= max_bytes:
+                break
         self._bytes -= size
         self._taken.set()
-        return item
-
-    async def get(self):
-        return self._release(await self._queue.get())
-
-    def get_nowait(self):
-        return self._release(self._queue.get_nowait())
-
-    def empty(self) -> bool:
-        return self._queue.empty()
+        return taken
 
 
 @dataclass
@@ -159,10 +206,10 @@ class IngestPipeline:
     """One Ingest stream. `milvus(fn, *args)` runs a blocking store call off the event loop."""
 
     def __init__(self, collection: str, store: MilvusStore, milvus: Callable[..., Awaitable],
-                 embedder: EmbedderClient, in_flight: InFlight, settings: IngestSettings,
-                 context) -> None:
+                 shared: SharedCalls, embedder: EmbedderClient, in_flight: InFlight,
+                 settings: IngestSettings, context) -> None:
         self._collection = collection
-        self._store, self._milvus = store, milvus
+        self._store, self._milvus, self._shared = store, milvus, shared
         self._embedder = embedder
         self._in_flight = in_flight
         self._batch_size, self._max_batch_bytes = settings.batch_size, settings.max_batch_bytes
@@ -197,11 +244,12 @@ class IngestPipeline:
                 if number and request.collection:
                     raise InvalidArgument(f"message {number} names a collection: set "
                                           "`collection` in the first message only", "collection")
-                for entry in request.items:
-                    image = entry.image  # each read of a bytes field copies it
-                    await queue.put(Item(index, image, entry.uri, dict(entry.metadata)),
-                                    len(image))
-                    index += 1
+                # Each read of a bytes field copies it: `image` is read once.
+                items = [Item(index + i, entry.image, entry.uri, dict(entry.metadata))
+                         for i, entry in enumerate(request.items)]
+                if items:
+                    await queue.put(items, sum(len(item.image) for item in items))
+                    index += len(items)
                 try:
                     request = await asyncio.wait_for(anext(rest, None), self._idle_s)
                 except asyncio.TimeoutError:  # not the builtin before Python 3.11
@@ -211,12 +259,12 @@ class IngestPipeline:
                     break
                 number += 1
         except ServiceError as exc:
-            await queue.put(exc)
+            await queue.put([exc])
             return
         except Exception as exc:  # noqa: BLE001 - e.g. an undecodable message
-            await queue.put(InvalidArgument(f"request stream message {number + 1}: {exc}"))
+            await queue.put([InvalidArgument(f"request stream message {number + 1}: {exc}")])
             return
-        await queue.put(_END)
+        await queue.put([_END])
 
     async def _work(self, queue: _ReadAhead, out: asyncio.Queue) -> None:
         """Embed batch n+1 while batch n is written; each write task answers
@@ -257,16 +305,12 @@ class IngestPipeline:
         """Wait for one item, then take whatever else is already queued, up to
         the batch size and the batch byte bound. No waiting for more: a quiet
         stream's items are stored (and acknowledged) at once."""
-        batch, size = [], 0
-        item = await queue.get()
-        while item is not _END:
-            if isinstance(item, ServiceError):  # the stream itself broke
-                raise item
-            batch.append(item)
-            size += len(item.image)
-            if len(batch) == self._batch_size or size >= self._max_batch_bytes or queue.empty():
-                return batch, False
-            item = queue.get_nowait()
+        batch = await queue.take(self._batch_size, self._max_batch_bytes)
+        if isinstance(batch[-1], Item):
+            return batch, False
+        end = batch.pop()
+        if end is not _END:  # the stream itself broke
+            raise end
         return batch, True
 
     async def _prepare(self, items: list[Item]) -> _Batch:
@@ -285,8 +329,8 @@ class IngestPipeline:
         follow = [(item, id_, busy.get(id_) or claimed[id_]) for item, id_ in todo.follow]
         claims = dict.fromkeys(claimed, "")
         try:
-            present = await self._milvus(self._store.existing_ids, self._collection,
-                                         list(todo.embed)) if self._model else set()
+            present = await self._shared.existing(self._collection, list(todo.embed)) \
+                if self._model else set()
             new = [(id_, item) for id_, item in todo.embed.items() if id_ not in present]
             vectors, model = await self._embedder.encode_images(
                 [item.image for _, item in new], self._model, self._context) if new else ([], None)
@@ -324,7 +368,7 @@ class IngestPipeline:
 
     async def _store_batch(self, batch: _Batch, out: asyncio.Queue) -> None:
         try:
-            await self._milvus(self._store.write, self._collection, batch.rows)
+            token = await self._shared.write(self._collection, batch.rows)
         except BaseException as exc:
             self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, _why(exc)))
             raise
@@ -334,10 +378,9 @@ class IngestPipeline:
             batch.results[item.index] = Result(
                 index=item.index, id=id_, uri=item.uri, error=error,
                 status=Result.STATUS_FAILED if error else Result.STATUS_ALREADY_PRESENT)
-        # Taken after the write, so the token covers it, and covers the rows
-        # found present (another writer's, seen by the Strong read before it).
-        token = consistency.encode(await self._milvus(self._store.timestamp))
+        if batch.follow:  # the writes they followed may have ended after this one
+            token = consistency.encode(await self._milvus(self._store.timestamp))
         results = [batch.results[item.index] for item in batch.items]
-        for result in results:
-            INGESTED.labels(Result.Status.Name(result.status).removeprefix("STATUS_").lower()).inc()
+        for status, count in collections.Counter(result.status for result in results).items():
+            INGESTED.labels(Result.Status.Name(status).removeprefix("STATUS_").lower()).inc(count)
         out.put_nowait(search_pb2.IngestResponse(results=results, consistency_token=token))

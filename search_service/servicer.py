@@ -21,7 +21,7 @@ from search_service import consistency, validation
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, InvalidArgument,
                                    ServiceError)
-from search_service.ingest import InFlight, IngestPipeline, IngestSettings
+from search_service.ingest import InFlight, IngestPipeline, IngestSettings, SharedCalls
 from search_service.store import MilvusStore, ModelIdentity
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
         self._max_message_bytes = max_message_bytes
         self._in_flight = InFlight()
         self._milvus_thread = ThreadPoolExecutor(_MILVUS_THREADS, thread_name_prefix="milvus")
+        self._shared = SharedCalls(store, self._milvus)
 
     async def _milvus(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._milvus_thread, fn, *args)
@@ -184,8 +185,8 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             if first is None:
                 return  # an empty stream stores nothing
             collection = validation.collection(first.collection, self._default_collection)
-            pipeline = IngestPipeline(collection, self._store, self._milvus, self._embedder,
-                                      self._in_flight, self._ingest, context)
+            pipeline = IngestPipeline(collection, self._store, self._milvus, self._shared,
+                                      self._embedder, self._in_flight, self._ingest, context)
             async for response in pipeline.run(first, requests):
                 yield response
         except ServiceError as exc:

@@ -96,7 +96,8 @@ class Row:
     def size(self) -> int:
         """Bytes this row adds to an insert request (an upper estimate)."""
         return (4 * len(self.vector) + len(self.id) + len(self.uri.encode())
-                + len(json.dumps(self.metadata).encode()) + _ROW_OVERHEAD)
+                + (len(json.dumps(self.metadata).encode()) if self.metadata else 2)
+                + _ROW_OVERHEAD)
 
 
 @dataclass(frozen=True)

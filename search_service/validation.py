@@ -68,6 +68,6 @@ def item_error(image: bytes, uri: str, metadata: dict[str, str]) -> str:
         return "empty image bytes"
     if len(uri.encode()) > MAX_URI_LENGTH:
         return f"uri is longer than {MAX_URI_LENGTH} bytes"
-    if len(json.dumps(metadata)) > MAX_METADATA_BYTES:
+    if metadata and len(json.dumps(metadata)) > MAX_METADATA_BYTES:
         return f"metadata is larger than {MAX_METADATA_BYTES} bytes as JSON"
     return ""

@@ -249,6 +249,41 @@ def test_a_write_through_one_replica_is_read_through_another(tmp_path, embedder_
             replica.stop()
 
 
+def test_concurrent_streams_tokens_cover_their_own_rows(tmp_path, embedder_service,
+                                                       milvus_server):
+    """Six streams at once through one replica: their batches' reads and
+    writes go to Milvus merged (search_service/coalesce.py). Each stream's
+    own consistency token then lets a search through a second replica find
+    every image of that stream, and the count covers all of them."""
+    writer, reader = (start_search(tmp_path, embedder_service.address, "--milvus-uri",
+                                   milvus_server.uri, "--ingest-batch", "4") for _ in range(2))
+    writer.wait_ready(), reader.wait_ready()
+    streams = {s: [IngestItem(photo(800 + 10 * s + i), f"{s}-{i}") for i in range(8)]
+               for s in range(6)}
+    outcomes: dict[int, tuple[list, bytes]] = {}
+    try:
+        def stream(s: int) -> None:
+            with SearchClient(writer.address) as client:
+                results = list(client.ingest(streams[s], collection="merged"))
+                outcomes[s] = (results, client.consistency_token)
+        threads = [threading.Thread(target=stream, args=(s,)) for s in streams]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert sorted(outcomes) == list(streams)
+        with SearchClient(reader.address) as client:
+            for s, (results, token) in outcomes.items():
+                assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 8
+                client.consistency_token = token
+                for item, result in zip(streams[s], results):
+                    assert client.search_image(item.image, 1, "merged")[0].id == result.id
+            assert client.stats("merged").count == 48
+    finally:
+        writer.stop()
+        reader.stop()
+
+
 def test_concurrent_streams_of_the_same_images_insert_each_once(tmp_path, embedder_service):
     """8 streams of the same 120 images at once into one process: 120
     INSERTED in all, the rest ALREADY_PRESENT, 120 rows."""

@@ -50,7 +50,7 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
 
     from imagesearch.v1 import search_pb2
     from search_service.errors import DependencyUnavailable
-    from search_service.ingest import IngestPipeline, IngestSettings, image_id
+    from search_service.ingest import IngestPipeline, IngestSettings, SharedCalls, image_id
     from search_service.store import ModelIdentity
 
     model = ModelIdentity("m", "f", 4)
@@ -79,8 +79,9 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
     async def run():
         loop = asyncio.get_running_loop()
         registry = InFlight()
-        pipeline = IngestPipeline("c", Store(), lambda fn, *a: loop.run_in_executor(None, fn, *a),
-                                  Embedder(), registry, IngestSettings(1, 1 << 20, 60), None)
+        store, milvus = Store(), lambda fn, *a: loop.run_in_executor(None, fn, *a)
+        pipeline = IngestPipeline("c", store, milvus, SharedCalls(store, milvus), Embedder(),
+                                  registry, IngestSettings(1, 1 << 20, 60), None)
         messages = [search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=b"a")]),
                     search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=b"b")])]
 

@@ -1,0 +1,134 @@
+"""The coalescer that merges concurrent Milvus calls of ingest streams (real asyncio, no stand-ins)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from search_service.coalesce import Coalescer
+
+
+async def settle() -> None:
+    """Let every ready task run its next steps."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+class Recorder:
+    """A call that records what each invocation carried, and can be held."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail_on = fail_on
+
+    async def __call__(self, key, requests):
+        self.calls.append((key, list(requests)))
+        await self.release.wait()
+        if self.fail_on in requests:
+            raise RuntimeError(f"refused {self.fail_on}")
+        return [f"{key}:{request}" for request in requests]
+
+
+def test_a_lone_request_goes_out_at_once_and_gets_its_own_result():
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=100)
+        return await merged("c", "a"), call.calls
+    assert asyncio.run(run()) == ("c:a", [("c", ["a"])])
+
+
+def test_requests_arriving_during_a_call_go_out_together_as_the_next_one():
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=100)
+        call.release.clear()
+        first = asyncio.create_task(merged("c", "a"))
+        await asyncio.sleep(0)  # the first call is running, held
+        later = [asyncio.create_task(merged("c", r)) for r in "bcd"]
+        await asyncio.sleep(0)
+        call.release.set()
+        return await asyncio.gather(first, *later), call.calls
+    results, calls = asyncio.run(run())
+    assert results == ["c:a", "c:b", "c:c", "c:d"]
+    assert calls == [("c", ["a"]), ("c", ["b", "c", "d"])]
+
+
+def test_a_call_takes_at_most_max_size_but_a_larger_request_still_goes_alone():
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=5)
+        call.release.clear()
+        tasks = [asyncio.create_task(merged("c", r, size)) for r, size in
+                 (("a", 1), ("b", 3), ("c", 2), ("d", 9), ("e", 1))]
+        await asyncio.sleep(0)
+        call.release.set()
+        await asyncio.gather(*tasks)
+        return call.calls
+    # All five wait before the first call starts: a and b fill it (4 of 5).
+    assert [requests for _, requests in asyncio.run(run())] == [["a", "b"], ["c"], ["d"], ["e"]]
+
+
+def test_a_failed_call_fails_its_own_requests_only():
+    async def run():
+        call = Recorder(fail_on="b")
+        merged = Coalescer(call, max_size=100)
+        call.release.clear()
+        first = asyncio.create_task(merged("c", "a"))
+        await asyncio.sleep(0)
+        joined = [asyncio.create_task(merged("c", r)) for r in "bc"]
+        await asyncio.sleep(0)
+        call.release.set()
+        outcomes = await asyncio.gather(first, *joined, return_exceptions=True)
+        after = await merged("c", "d")  # the coalescer keeps working
+        return outcomes, after
+    (first, b, c), after = asyncio.run(run())
+    assert first == "c:a" and after == "c:d"
+    assert isinstance(b, RuntimeError) and b is c  # both merged requests fail with it
+
+
+def test_a_cancelled_caller_leaves_the_call_to_the_others():
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=100)
+        call.release.clear()
+        gone = asyncio.create_task(merged("c", "a"))
+        stays = asyncio.create_task(merged("c", "b"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        call.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await stays
+    assert asyncio.run(run()) == "c:b"
+
+
+def test_keys_run_side_by_side():
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=100)
+        call.release.clear()
+        tasks = [asyncio.create_task(merged(key, "x")) for key in ("one", "two")]
+        await settle()
+        running = len(call.calls)  # both started, neither waits for the other
+        call.release.set()
+        return running, await asyncio.gather(*tasks)
+    assert asyncio.run(run()) == (2, ["one:x", "two:x"])
+
+
+def test_stopping_cancels_the_waiting_requests_too():
+    """The service stopping cancels the running call's task: its requests and
+    those queued behind it end cancelled, none waits for ever."""
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=100)
+        call.release.clear()
+        tasks = [asyncio.create_task(merged("c", r)) for r in "ab"]
+        await settle()
+        for task in asyncio.all_tasks():
+            if task.get_coro().__qualname__ == "Coalescer._drain":
+                task.cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(o, asyncio.CancelledError) for o in asyncio.run(run()))
