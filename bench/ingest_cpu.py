@@ -182,6 +182,9 @@ def main() -> None:
                         help="write into a Milvus 2.3.5 standalone server (PyPI `milvus`) that "
                              "this script starts, instead of Milvus Lite: the search processes' "
                              "CPU is then the service's alone (Lite runs inside a search process)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run bench/relay.py in the search service's place: the CPU "
+                             "that passing the bytes through Python gRPC costs, a floor")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
@@ -212,16 +215,20 @@ def main() -> None:
                         batch=args.batch, duration_s=2, jpegs=jpegs, warmup_s=0)  # warm-up
             settings = [("baseline", 1)] if args.baseline else []
             settings += [(f"workers_{workers}", workers) for workers in args.workers]
+            settings += [("floor", 1)] if args.floor else []
             for name, workers in settings:
-                search = Proc("search_service", ["--embedder", embedder.address, "--data-dir",
-                                                 str(work / f"data-{name}"),
-                                                 *(["--workers", str(workers)] if workers != 1 else []),
-                                                 "--ingest-batch", str(args.ingest_batch),
-                                                 *(["--milvus-uri", server.uri, "--collection",
-                                                    f"bench_{name}"] if server else []),
-                                                 *args.search_args.split()],
-                              work / f"search-{name}.log",
-                              cwd=args.baseline if name == "baseline" else ROOT).ready()
+                if name == "floor":
+                    search = Proc("bench.relay", ["--embedder", embedder.address], work / "relay.log")
+                else:
+                    search = Proc("search_service", [
+                        "--embedder", embedder.address, "--data-dir", str(work / f"data-{name}"),
+                        *(["--workers", str(workers)] if workers != 1 else []),
+                        "--ingest-batch", str(args.ingest_batch),
+                        *(["--milvus-uri", server.uri, "--collection", f"bench_{name}"]
+                          if server else []),
+                        *args.search_args.split()], work / f"search-{name}.log",
+                        cwd=args.baseline if name == "baseline" else ROOT)
+                search.ready()
                 runs = []
                 try:
                     loadgen.run(target="Ingest", server=search.address, concurrency=args.clients,
