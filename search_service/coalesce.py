@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
+from search_service.errors import DependencyUnavailable
+
 Request = TypeVar("Request")
 Result = TypeVar("Result")
 
@@ -31,16 +33,18 @@ class Coalescer(Generic[Request, Result]):
     async def __call__(self, key: Hashable, request: Request, size: int = 1) -> Result:
         future = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append((request, size, future))
-        if key not in self._running:
+        running = self._running.get(key)
+        if running is None or running.done():  # done: cancelled before it ever ran
             self._running[key] = asyncio.create_task(self._drain(key))
-        # A caller that is cancelled stops waiting; the call it joined runs on
-        # for the others.
+        # A caller that is cancelled stops waiting (and its request, if not
+        # sent yet, is dropped); a call it joined runs on for the others.
         return await future
 
     async def _drain(self, key: Hashable) -> None:
         batch: list = []
         try:
-            while waiting := self._waiting.get(key):
+            # Requests of callers that were cancelled before they went out are dropped.
+            while waiting := [entry for entry in self._waiting.pop(key, ()) if not entry[2].done()]:
                 taken, total = 1, waiting[0][1]
                 while taken < len(waiting) and total + waiting[taken][1] <= self._max_size:
                     total += waiting[taken][1]
@@ -48,19 +52,25 @@ class Coalescer(Generic[Request, Result]):
                 batch, self._waiting[key] = waiting[:taken], waiting[taken:]
                 try:
                     results = await self._call(key, [request for request, _, _ in batch])
+                    if len(results) != len(batch):
+                        raise RuntimeError(f"{len(results)} results for {len(batch)} requests")
                 except Exception as exc:  # noqa: BLE001 - each caller gets it as its own
-                    _settle(batch, exception=exc)
+                    _settle(batch, exc)
                 else:
                     for (_, _, future), result in zip(batch, results):
                         if not future.done():
                             future.set_result(result)
                 batch = []
-        finally:  # cancelled (the service stopping): nobody may wait for ever
-            _settle(batch + self._waiting.pop(key, []), cancel=True)
-            del self._running[key]
+        except asyncio.CancelledError:  # the service stopping: nobody may wait for ever
+            _settle(batch + self._waiting.pop(key, []),
+                    DependencyUnavailable("the service is stopping: retry on another replica"))
+            raise
+        finally:
+            if self._running.get(key) is asyncio.current_task():
+                del self._running[key]
 
 
-def _settle(entries, exception: Exception | None = None, cancel: bool = False) -> None:
+def _settle(entries, exception: Exception) -> None:
     for _, _, future in entries:
         if not future.done():
-            future.cancel() if cancel else future.set_exception(exception)
+            future.set_exception(exception)

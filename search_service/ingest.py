@@ -156,11 +156,15 @@ class _ReadAhead:
         self._bytes, self._max_items, self._max_bytes = 0, max_items, max_bytes
         self._put, self._taken = asyncio.Event(), asyncio.Event()
 
-    async def put(self, entries: list, size: int = 0) -> None:
-        while self._entries and (len(self._entries) + len(entries) > self._max_items
+    async def room(self, count: int, size: int) -> None:
+        """Until `count` entries of `size` bytes fit."""
+        while self._entries and (len(self._entries) + count > self._max_items
                                  or self._bytes + size > self._max_bytes):
             self._taken.clear()
             await self._taken.wait()
+
+    async def put(self, entries: list, size: int = 0) -> None:
+        await self.room(len(entries), size)
         self._entries.extend(entries)
         self._bytes += size
         self._put.set()
@@ -244,10 +248,13 @@ class IngestPipeline:
                 if number and request.collection:
                     raise InvalidArgument(f"message {number} names a collection: set "
                                           "`collection` in the first message only", "collection")
-                # Each read of a bytes field copies it: `image` is read once.
-                items = [Item(index + i, entry.image, entry.uri, dict(entry.metadata))
-                         for i, entry in enumerate(request.items)]
-                if items:
+                if request.items:
+                    # Room first, then the copies (each read of a bytes field
+                    # copies it; `image` is read once): the message's size
+                    # bounds its images'.
+                    await queue.room(len(request.items), request.ByteSize())
+                    items = [Item(index + i, entry.image, entry.uri, dict(entry.metadata))
+                             for i, entry in enumerate(request.items)]
                     await queue.put(items, sum(len(item.image) for item in items))
                     index += len(items)
                 try:

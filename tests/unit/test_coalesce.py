@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from search_service.coalesce import Coalescer
+from search_service.errors import DependencyUnavailable
 
 
 async def settle() -> None:
@@ -45,9 +46,9 @@ def test_requests_arriving_during_a_call_go_out_together_as_the_next_one():
         merged = Coalescer(call, max_size=100)
         call.release.clear()
         first = asyncio.create_task(merged("c", "a"))
-        await asyncio.sleep(0)  # the first call is running, held
+        await settle()  # the first call is running, held
         later = [asyncio.create_task(merged("c", r)) for r in "bcd"]
-        await asyncio.sleep(0)
+        await settle()
         call.release.set()
         return await asyncio.gather(first, *later), call.calls
     results, calls = asyncio.run(run())
@@ -76,9 +77,9 @@ def test_a_failed_call_fails_its_own_requests_only():
         merged = Coalescer(call, max_size=100)
         call.release.clear()
         first = asyncio.create_task(merged("c", "a"))
-        await asyncio.sleep(0)
+        await settle()
         joined = [asyncio.create_task(merged("c", r)) for r in "bc"]
-        await asyncio.sleep(0)
+        await settle()
         call.release.set()
         outcomes = await asyncio.gather(first, *joined, return_exceptions=True)
         after = await merged("c", "d")  # the coalescer keeps working
@@ -118,17 +119,41 @@ def test_keys_run_side_by_side():
     assert asyncio.run(run()) == (2, ["one:x", "two:x"])
 
 
-def test_stopping_cancels_the_waiting_requests_too():
-    """The service stopping cancels the running call's task: its requests and
-    those queued behind it end cancelled, none waits for ever."""
+def test_a_cancelled_callers_request_that_has_not_gone_out_is_dropped():
     async def run():
         call = Recorder()
         merged = Coalescer(call, max_size=100)
         call.release.clear()
-        tasks = [asyncio.create_task(merged("c", r)) for r in "ab"]
+        first = asyncio.create_task(merged("c", "a"))
         await settle()
-        for task in asyncio.all_tasks():
-            if task.get_coro().__qualname__ == "Coalescer._drain":
-                task.cancel()
-        return await asyncio.gather(*tasks, return_exceptions=True)
-    assert all(isinstance(o, asyncio.CancelledError) for o in asyncio.run(run()))
+        gone, stays = (asyncio.create_task(merged("c", r)) for r in "bc")
+        await settle()
+        gone.cancel()
+        await settle()
+        call.release.set()
+        await asyncio.gather(first, stays)
+        return call.calls
+    assert asyncio.run(run()) == [("c", ["a"]), ("c", ["c"])]
+
+
+def test_stopping_fails_the_running_and_the_waiting_requests():
+    """The service stopping cancels the running call's task: its request and
+    the one queued behind it fail UNAVAILABLE; none waits for ever, and the
+    next request starts a new call."""
+    async def run():
+        call = Recorder()
+        merged = Coalescer(call, max_size=100)
+        call.release.clear()
+        running = asyncio.create_task(merged("c", "a"))
+        await settle()
+        queued = asyncio.create_task(merged("c", "b"))
+        await settle()
+        [drain] = [task for task in asyncio.all_tasks()
+                   if task.get_coro().__qualname__ == "Coalescer._drain"]
+        drain.cancel()
+        outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+        call.release.set()
+        return outcomes, await merged("c", "d")
+    outcomes, after = asyncio.run(run())
+    assert all(isinstance(o, DependencyUnavailable) for o in outcomes), outcomes
+    assert after == "c:d"
