@@ -4,6 +4,7 @@ streams. Every process is real; vectors are read back from Milvus and
 recomputed to prove which model made them."""
 from __future__ import annotations
 
+import itertools
 import shutil
 import threading
 from pathlib import Path
@@ -15,7 +16,8 @@ from pymilvus import MilvusClient
 
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
-from tests.services import (ROOT, TEST_MODEL, Load, eventually, free_port, photo,
+from search_service.ingest import image_id
+from tests.services import (ROOT, TEST_MODEL, Load, Service, eventually, free_port, photo,
                             start_embedder, start_search, status_of)
 
 FAULTS = ROOT / "tests" / "fixtures" / "faults"
@@ -306,3 +308,84 @@ def test_concurrent_streams_of_the_same_images_insert_each_once(tmp_path, embedd
             assert client.stats("same").count == 120
     finally:
         search.stop()
+
+
+class _Failover(Load):
+    """Callers that ingest new images in streams of 6 through whichever search
+    replica is in `live`, in turn, and send a failed stream again through the
+    next one. Results are recorded as they arrive: an id counts as
+    acknowledged even when its stream failed later."""
+
+    def __init__(self, live: list[str], callers: int) -> None:
+        super().__init__(*[self._run] * callers)
+        self.live = live  # addresses; the test changes them
+        self.sent: set[str] = set()
+        self.acked: set[str] = set()
+        self.failures: list[tuple[str, str]] = []
+        self._seeds = itertools.count(5000)
+
+    def _run(self) -> None:
+        turn = 0
+        while not self._stop.is_set():
+            items = [IngestItem(photo(next(self._seeds))) for _ in range(6)]
+            self.sent.update(image_id(item.image) for item in items)
+            for _ in range(8):
+                live = list(self.live)
+                turn += 1
+                try:
+                    with SearchClient(live[turn % len(live)], timeout_s=30) as client:
+                        for result in client.ingest(items, collection="replaced"):
+                            assert result.status in (IngestResult.STATUS_INSERTED,
+                                                     IngestResult.STATUS_ALREADY_PRESENT), result
+                            self.acked.add(result.id)
+                    break
+                except grpc.RpcError as exc:
+                    self.failures.append((exc.code().name, exc.details()))
+
+
+def test_search_replicas_replaced_under_ingest_load_lose_nothing(tmp_path, embedder_service,
+                                                                milvus_server):
+    """Three callers ingest through two search replicas on one Milvus server
+    while the replicas are replaced: one in a rolling update (the new one
+    joins, the old one leaves rotation and gets SIGTERM), then one killed
+    with SIGKILL while still in rotation, and replaced. Ingest goes on
+    through each step; a caller's failed stream only ever fails UNAVAILABLE
+    or CANCELLED and succeeds on another replica; every acknowledged image is
+    in Milvus, and nothing that was not sent is."""
+    def replica() -> Service:
+        return start_search(tmp_path, embedder_service.address, "--milvus-uri", milvus_server.uri,
+                            "--ingest-batch", "2").wait_ready()
+
+    started = [replica(), replica()]
+    live = [s.address for s in started]
+    try:
+        with _Failover(live, callers=3) as load:
+            def progress() -> None:  # a dozen more images acknowledged
+                mark = len(load.acked)
+                eventually(lambda: len(load.acked) >= mark + 12, 90)
+            progress()
+            started.append(replica())  # rolling update of replica 0
+            live.append(started[-1].address)
+            live.remove(started[0].address)
+            assert started[0].stop() == 0
+            progress()
+            started[1].process.kill()  # a crash, still in rotation
+            started[1].process.wait()
+            progress()
+            started.append(replica())
+            live.append(started[-1].address)
+            live.remove(started[1].address)
+            progress()
+        assert {code for code, _ in load.failures} <= {"UNAVAILABLE", "CANCELLED"}, load.failures
+        milvus = MilvusClient(uri=milvus_server.uri)
+        try:
+            stored = {row["id"] for row in milvus.query(
+                "replaced", filter='id != ""', output_fields=["id"], limit=16384,
+                consistency_level="Strong")}
+        finally:
+            milvus.close()
+        assert load.acked <= stored, f"{len(load.acked - stored)} acknowledged images lost"
+        assert stored <= load.sent
+    finally:
+        for service in started:
+            service.stop()
