@@ -197,6 +197,7 @@ class _Batch:
     results: dict[int, Result]
     claims: dict[str, str]  # id -> "" or why it failed, for the ids this batch stores
     follow: list[tuple[Item, str, asyncio.Future]]
+    follows_others: bool  # some follow another stream's write, which may end after this one's
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,8 @@ class IngestPipeline:
         except BaseException as exc:  # nothing of it will be written: waiters must not hang
             self._in_flight.settle(self._collection, dict.fromkeys(claimed, _why(exc)))
             raise
-        return _Batch(items, rows, results, claims, follow)
+        return _Batch(items, rows, results, claims, follow,
+                      follows_others=any(id_ in busy for _, id_ in todo.follow))
 
     async def _create(self, model: ModelIdentity) -> None:
         """Create the collection for the model of the first vectors. Another
@@ -385,7 +387,7 @@ class IngestPipeline:
             batch.results[item.index] = Result(
                 index=item.index, id=id_, uri=item.uri, error=error,
                 status=Result.STATUS_FAILED if error else Result.STATUS_ALREADY_PRESENT)
-        if batch.follow:  # the writes they followed may have ended after this one
+        if batch.follows_others:  # this write's token may predate theirs
             token = consistency.encode(await self._milvus(self._store.timestamp))
         results = [batch.results[item.index] for item in batch.items]
         for status, count in collections.Counter(result.status for result in results).items():

@@ -256,14 +256,17 @@ def test_concurrent_streams_tokens_cover_their_own_rows(tmp_path, embedder_servi
     """Six streams at once through one replica: their batches' reads and
     writes go to Milvus merged (search_service/coalesce.py). Each stream's
     own consistency token then lets a search through a second replica find
-    every image of that stream, and the count covers all of them."""
+    every image of that stream. Then six streams of the same new images:
+    each is INSERTED once, and every stream's token, also of those told
+    ALREADY_PRESENT (possibly while another stream was still writing it),
+    finds them all."""
     writer, reader = (start_search(tmp_path, embedder_service.address, "--milvus-uri",
                                    milvus_server.uri, "--ingest-batch", "4") for _ in range(2))
     writer.wait_ready(), reader.wait_ready()
-    streams = {s: [IngestItem(photo(800 + 10 * s + i), f"{s}-{i}") for i in range(8)]
-               for s in range(6)}
-    outcomes: dict[int, tuple[list, bytes]] = {}
-    try:
+
+    def ingest_at_once(streams: dict[int, list[IngestItem]]) -> dict[int, tuple[list, bytes]]:
+        outcomes = {}
+
         def stream(s: int) -> None:
             with SearchClient(writer.address) as client:
                 results = list(client.ingest(streams[s], collection="merged"))
@@ -276,11 +279,23 @@ def test_concurrent_streams_tokens_cover_their_own_rows(tmp_path, embedder_servi
         assert sorted(outcomes) == list(streams)
         with SearchClient(reader.address) as client:
             for s, (results, token) in outcomes.items():
-                assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 8
                 client.consistency_token = token
                 for item, result in zip(streams[s], results):
                     assert client.search_image(item.image, 1, "merged")[0].id == result.id
-            assert client.stats("merged").count == 48
+        return outcomes
+
+    try:
+        distinct = {s: [IngestItem(photo(800 + 10 * s + i), f"{s}-{i}") for i in range(8)]
+                    for s in range(6)}
+        for results, _ in ingest_at_once(distinct).values():
+            assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 8
+        same = [IngestItem(photo(900 + i), f"same-{i}") for i in range(8)]
+        statuses = [r.status for results, _ in ingest_at_once(dict.fromkeys(range(6), same)).values()
+                    for r in results]
+        assert statuses.count(IngestResult.STATUS_INSERTED) == 8
+        assert statuses.count(IngestResult.STATUS_ALREADY_PRESENT) == 5 * 8
+        with SearchClient(reader.address) as client:
+            assert client.stats("merged").count == 56
     finally:
         writer.stop()
         reader.stop()
