@@ -4,8 +4,9 @@
         --baseline /tmp/base --json docs/bench/ingest-cpu-2core-64d.json
     python -m bench.ingest_cpu --projection-dim 512 --milvus-server ...
 
-(`--baseline DIR`: a checkout of an earlier commit, `git archive COMMIT |
-tar -x -C DIR`, run first; `--projection-dim 512`: vectors as wide as
+(`--floor`: also bench/relay.py in the service's place, the least any
+search process spends per image; `--baseline DIR`: a checkout of an
+earlier commit, `git archive COMMIT | tar -x -C DIR`, run first; `--projection-dim 512`: vectors as wide as
 ViT-B/32's from a cheap random model; `--milvus-server`: a Milvus 2.3.5
 standalone server instead of Lite.)
 

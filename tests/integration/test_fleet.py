@@ -251,6 +251,15 @@ def test_a_write_through_one_replica_is_read_through_another(tmp_path, embedder_
             replica.stop()
 
 
+def _at_once(call, args) -> None:
+    """`call(arg)` for each of `args`, each on its own thread, all at once."""
+    threads = [threading.Thread(target=call, args=(arg,)) for arg in args]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+
+
 def test_concurrent_streams_tokens_cover_their_own_rows(tmp_path, embedder_service,
                                                        milvus_server):
     """Six streams at once through one replica: their batches' reads and
@@ -271,11 +280,7 @@ def test_concurrent_streams_tokens_cover_their_own_rows(tmp_path, embedder_servi
             with SearchClient(writer.address) as client:
                 results = list(client.ingest(streams[s], collection="merged"))
                 outcomes[s] = (results, client.consistency_token)
-        threads = [threading.Thread(target=stream, args=(s,)) for s in streams]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
+        _at_once(stream, list(streams))
         assert sorted(outcomes) == list(streams)
         with SearchClient(reader.address) as client:
             for s, (results, token) in outcomes.items():
@@ -311,11 +316,7 @@ def test_concurrent_streams_of_the_same_images_insert_each_once(tmp_path, embedd
         def stream():
             with SearchClient(search.address) as client:
                 statuses.extend(r.status for r in client.ingest(items, collection="same"))
-        threads = [threading.Thread(target=stream) for _ in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(300)
+        _at_once(lambda _: stream(), range(8))
         assert len(statuses) == 8 * 120
         assert statuses.count(IngestResult.STATUS_INSERTED) == 120
         assert statuses.count(IngestResult.STATUS_ALREADY_PRESENT) == 7 * 120

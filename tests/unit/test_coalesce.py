@@ -32,6 +32,13 @@ class Recorder:
         return [f"{key}:{request}" for request in requests]
 
 
+def held(max_size: int = 100, fail_on: str | None = None) -> tuple[Recorder, Coalescer]:
+    """A coalescer whose calls are held until `call.release` is set."""
+    call = Recorder(fail_on)
+    call.release.clear()
+    return call, Coalescer(call, max_size=max_size)
+
+
 def test_a_lone_request_goes_out_at_once_and_gets_its_own_result():
     async def run():
         call = Recorder()
@@ -42,9 +49,7 @@ def test_a_lone_request_goes_out_at_once_and_gets_its_own_result():
 
 def test_requests_arriving_during_a_call_go_out_together_as_the_next_one():
     async def run():
-        call = Recorder()
-        merged = Coalescer(call, max_size=100)
-        call.release.clear()
+        call, merged = held()
         first = asyncio.create_task(merged("c", "a"))
         await settle()  # the first call is running, held
         later = [asyncio.create_task(merged("c", r)) for r in "bcd"]
@@ -58,9 +63,7 @@ def test_requests_arriving_during_a_call_go_out_together_as_the_next_one():
 
 def test_a_call_takes_at_most_max_size_but_a_larger_request_still_goes_alone():
     async def run():
-        call = Recorder()
-        merged = Coalescer(call, max_size=5)
-        call.release.clear()
+        call, merged = held(5)
         tasks = [asyncio.create_task(merged("c", r, size)) for r, size in
                  (("a", 1), ("b", 3), ("c", 2), ("d", 9), ("e", 1))]
         await asyncio.sleep(0)
@@ -73,9 +76,7 @@ def test_a_call_takes_at_most_max_size_but_a_larger_request_still_goes_alone():
 
 def test_a_failed_call_fails_its_own_requests_only():
     async def run():
-        call = Recorder(fail_on="b")
-        merged = Coalescer(call, max_size=100)
-        call.release.clear()
+        call, merged = held(fail_on="b")
         first = asyncio.create_task(merged("c", "a"))
         await settle()
         joined = [asyncio.create_task(merged("c", r)) for r in "bc"]
@@ -91,14 +92,12 @@ def test_a_failed_call_fails_its_own_requests_only():
 
 def test_a_cancelled_caller_leaves_the_call_to_the_others():
     async def run():
-        call = Recorder()
-        merged = Coalescer(call, max_size=100)
-        call.release.clear()
+        call, merged = held()
         gone = asyncio.create_task(merged("c", "a"))
         stays = asyncio.create_task(merged("c", "b"))
-        await asyncio.sleep(0)
+        await settle()
         gone.cancel()
-        await asyncio.sleep(0)
+        await settle()
         call.release.set()
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -108,9 +107,7 @@ def test_a_cancelled_caller_leaves_the_call_to_the_others():
 
 def test_keys_run_side_by_side():
     async def run():
-        call = Recorder()
-        merged = Coalescer(call, max_size=100)
-        call.release.clear()
+        call, merged = held()
         tasks = [asyncio.create_task(merged(key, "x")) for key in ("one", "two")]
         await settle()
         running = len(call.calls)  # both started, neither waits for the other
@@ -121,9 +118,7 @@ def test_keys_run_side_by_side():
 
 def test_a_cancelled_callers_request_that_has_not_gone_out_is_dropped():
     async def run():
-        call = Recorder()
-        merged = Coalescer(call, max_size=100)
-        call.release.clear()
+        call, merged = held()
         first = asyncio.create_task(merged("c", "a"))
         await settle()
         gone, stays = (asyncio.create_task(merged("c", r)) for r in "bc")
@@ -141,9 +136,7 @@ def test_stopping_fails_the_running_and_the_waiting_requests():
     the one queued behind it fail UNAVAILABLE; none waits for ever, and the
     next request starts a new call."""
     async def run():
-        call = Recorder()
-        merged = Coalescer(call, max_size=100)
-        call.release.clear()
+        call, merged = held()
         running = asyncio.create_task(merged("c", "a"))
         await settle()
         queued = asyncio.create_task(merged("c", "b"))
