@@ -6,9 +6,9 @@
 
 (`--floor`: also bench/relay.py in the service's place, the least any
 search process spends per image; `--baseline DIR`: a checkout of an
-earlier commit, `git archive COMMIT | tar -x -C DIR`, run first; `--projection-dim 512`: vectors as wide as
-ViT-B/32's from a cheap random model; `--milvus-server`: a Milvus 2.3.5
-standalone server instead of Lite.)
+earlier commit, `git archive COMMIT | tar -x -C DIR`, run first;
+`--projection-dim 512`: vectors as wide as ViT-B/32's from a cheap random
+model; `--milvus-server`: a Milvus 2.3.5 standalone server instead of Lite.)
 
 Starts one embedder and, for each `--workers` value, one search service
 (Milvus Lite under its data directory) as separate processes on loopback,
