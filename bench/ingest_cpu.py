@@ -1,25 +1,30 @@
 """Ingest beside EncodeImage on the same images, and what ingest costs the search service.
 
     python -m bench.ingest_cpu --seconds 10 --rounds 3 --workers 1 2 \
-        --baseline /tmp/base --json docs/bench/ingest-cpu-2core-64d.json
+        --baseline /tmp/08be5de /tmp/6e5e0e8 --json docs/bench/ingest-cpu-2core-64d.json
     python -m bench.ingest_cpu --projection-dim 512 --milvus-server ...
 
 (`--floor`: also bench/relay.py in the service's place, the least any
-search process spends per image; `--baseline DIR`: a checkout of an
-earlier commit, `git archive COMMIT | tar -x -C DIR`, run first;
-`--projection-dim 512`: vectors as wide as ViT-B/32's from a cheap random
-model; `--milvus-server`: a Milvus 2.3.5 standalone server instead of Lite.)
+search process spends per image; `--baseline DIR ...`: checkouts of earlier
+commits, `git archive COMMIT | tar -x -C DIR` with their protos compiled,
+run first; `--projection-dim 512`: vectors as wide as ViT-B/32's from a
+cheap random model; `--milvus-server`: a Milvus 2.3.5 standalone server
+instead of Lite.)
 
-Starts one embedder and, for each `--workers` value, one search service
-(Milvus Lite under its data directory) as separate processes on loopback,
-then alternates closed-loop `EncodeImage` runs against the embedder and
-`Ingest` runs through the search service (bench/loadgen.py, the same photo
-JPEGs; ingest gives each image a trailer so that every one is new, at the
-same decode cost). For each Ingest run it records the CPU seconds of the
-search service's whole process tree (the parent, its workers, and Milvus
-Lite, which runs inside a search process) per ingested image, and the share
-of that spent on the main thread (the event loop of a single-process
-service). Ratios compare runs of the same invocation, back to back.
+For each setting (each baseline checkout, each `--workers` value of this
+one) it starts that code's embedder and search service (Milvus Lite under
+its data directory) as separate processes on loopback, then alternates
+closed-loop `EncodeImage` runs against the embedder and `Ingest` runs
+through the search service. The load comes from that code's own
+bench/loadgen.py, in a process of its own, so a checkout from before the
+API revision is loaded as its clients used it (one image per Ingest
+message). Every run sends the same photo JPEGs; ingest gives each image a
+trailer so that every one is new, at the same decode cost. For each Ingest
+run it records the CPU seconds of the search service's whole process tree
+(the parent, its workers, and Milvus Lite, which runs inside a search
+process) per ingested image, and the share of that spent on the main
+thread (the event loop of a single-process service). Ratios compare runs
+of the same invocation, back to back.
 
 This script starts its own processes (it does not use the test helpers),
 and a Milvus server only with `--milvus-server`.
@@ -36,9 +41,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import loadgen
 from bench.harness import ROOT, free_port, stop_process
-from bench.photos import make_jpegs, unique
+from bench.photos import make_jpegs
 from bench.report import emit, load_average
 from imagesearch.health import wait_serving
 
@@ -111,10 +115,35 @@ def cpu_used(before: dict, after: dict) -> tuple[float, float]:
     return total, main
 
 
-def encode_run(embedder: Proc, jpegs, seconds, clients, batch) -> dict:
+# Run in the checkout under test, so its own loadgen speaks its own API.
+_LOAD = """import json, sys
+from pathlib import Path
+from bench import loadgen
+from bench.photos import unique
+a = json.loads(sys.argv[1])
+jpegs = [p.read_bytes() for p in sorted(Path(a["jpegs"]).iterdir())]
+jpegs = [unique(jpeg, a["run"]) for jpeg in jpegs] if a["run"] else jpegs
+print(json.dumps(loadgen.run(a["target"], a["server"], a["clients"], a["batch"], a["seconds"],
+                             jpegs=jpegs, warmup_s=0, procs=1)))
+"""
+
+
+def load(code: Path, target: str, server: str, jpegs: Path, seconds: float, clients: int,
+         batch: int, run: int = 0) -> dict:
+    """One closed-loop load run by `code`'s bench/loadgen.py (`run` > 0: the
+    images given that run's trailer, so none is stored yet)."""
+    args = {"target": target, "server": server, "jpegs": str(jpegs), "seconds": seconds,
+            "clients": clients, "batch": batch, "run": run}
+    done = subprocess.run([sys.executable, "-c", _LOAD, json.dumps(args)], cwd=code, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(code)})
+    if done.returncode:
+        raise RuntimeError(f"{target} load from {code} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
+
+
+def encode_run(code: Path, embedder: Proc, jpegs: Path, seconds, clients, batch) -> dict:
     before = cpu(embedder.process.pid)
-    result = loadgen.run(target="EncodeImage", server=embedder.address, concurrency=clients,
-                         batch=batch, duration_s=seconds, jpegs=jpegs, warmup_s=0, procs=1)
+    result = load(code, "EncodeImage", embedder.address, jpegs, seconds, clients, batch)
     used, _ = cpu_used(before, cpu(embedder.process.pid))
     images = max(result["requests"] * batch, 1)
     result["embedder_cpu_us_per_image"] = round(used * 1e6 / images)
@@ -125,14 +154,12 @@ def encode_run(embedder: Proc, jpegs, seconds, clients, batch) -> dict:
 _RUNS = itertools.count(1)
 
 
-def ingest_run(search: Proc, embedder: Proc, jpegs, seconds, streams, batch) -> dict:
+def ingest_run(code: Path, search: Proc, embedder: Proc, jpegs: Path, seconds, streams,
+               batch) -> dict:
+    before, before_embedder = cpu(search.process.pid), cpu(embedder.process.pid)
     # Bytes of their own for each run (loadgen numbers its images from 0 in
     # every run): every image new, so each is embedded and written.
-    run = next(_RUNS)
-    jpegs = [unique(jpeg, run) for jpeg in jpegs]
-    before, before_embedder = cpu(search.process.pid), cpu(embedder.process.pid)
-    result = loadgen.run(target="Ingest", server=search.address, concurrency=streams,
-                         batch=batch, duration_s=seconds, jpegs=jpegs, warmup_s=0, procs=1)
+    result = load(code, "Ingest", search.address, jpegs, seconds, streams, batch, next(_RUNS))
     used, main = cpu_used(before, cpu(search.process.pid))
     used_embedder, _ = cpu_used(before_embedder, cpu(embedder.process.pid))
     images = max(result["requests"] * batch, 1)
@@ -155,6 +182,45 @@ def commit() -> str:
         return "unknown"
 
 
+def setting(args, name: str, code: Path, workers: int, relay: bool, work: Path, jpegs: Path,
+            server) -> dict:
+    """`args.rounds` EncodeImage/Ingest pairs on `code`'s embedder and search
+    service (or bench/relay.py), started for this setting and stopped after."""
+    embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
+                    work / f"embedder-{name}.log", cwd=code).ready()
+    try:
+        load(code, "EncodeImage", embedder.address, jpegs, 2, args.clients, args.batch)  # warm-up
+        if relay:
+            search = Proc("bench.relay", ["--embedder", embedder.address], work / "relay.log")
+        else:
+            search = Proc("search_service", [
+                "--embedder", embedder.address, "--data-dir", str(work / f"data-{name}"),
+                *(["--workers", str(workers)] if workers != 1 else []),
+                "--ingest-batch", str(args.ingest_batch),
+                *(["--milvus-uri", server.uri, "--collection", f"bench_{name}"] if server else []),
+                *args.search_args.split()], work / f"search-{name}.log", cwd=code)
+        search.ready()
+        runs = []
+        try:
+            load(code, "Ingest", search.address, jpegs, 2, args.clients, args.batch,
+                 next(_RUNS))  # warm-up
+            for _ in range(args.rounds):
+                encode = encode_run(code, embedder, jpegs, args.seconds, args.clients, args.batch)
+                ingest = ingest_run(code, search, embedder, jpegs, args.seconds, args.clients,
+                                    args.batch)
+                runs.append({"encode_image": encode, "ingest": ingest,
+                             "ratio": round(ingest["items_per_s"] / encode["items_per_s"], 3)})
+        finally:
+            search_exit = search.stop()
+    finally:
+        embedder_exit = embedder.stop()
+    ratios = sorted(r["ratio"] for r in runs)
+    per_image = sorted(r["ingest"]["search_cpu_us_per_image"]["total"] for r in runs)
+    return {"code": str(code), "runs": runs, "exit_code": search_exit,
+            "exit_embedder": embedder_exit, "ratio_median": ratios[len(ratios) // 2],
+            "search_cpu_us_per_image_median": per_image[len(per_image) // 2]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -175,10 +241,12 @@ def main() -> None:
         parser.add_argument(flag, type=type(default), default=default, help=what)
     parser.add_argument("--workers", type=int, nargs="+", default=[1],
                         help="search-service --workers settings to run, one after another")
-    parser.add_argument("--baseline", type=Path,
-                        help="also run, first, a single-process search service from this "
-                             "checkout of an earlier commit (e.g. `git archive COMMIT | tar -x "
-                             "-C DIR`), so before and after come from one run")
+    parser.add_argument("--baseline", type=Path, nargs="+", default=[],
+                        help="also run, first, the system of each of these checkouts of earlier "
+                             "commits (`git archive COMMIT | tar -x -C DIR`, then its protos "
+                             "compiled as scripts/install.sh does): its embedder, a "
+                             "single-process search service and its own load generator, so "
+                             "before and after come from one run")
     parser.add_argument("--milvus-server", action="store_true",
                         help="write into a Milvus 2.3.5 standalone server (PyPI `milvus`) that "
                              "this script starts, instead of Milvus Lite: the search processes' "
@@ -190,15 +258,18 @@ def main() -> None:
     parser.add_argument("--commit", default=None)
     args = parser.parse_args()
 
-    jpegs = make_jpegs(args.images)
     out: dict = {"meta": {
         "command": " ".join(["python -m bench.ingest_cpu", *sys.argv[1:]]),
         "commit": args.commit or commit(), "date": datetime.date.today().isoformat(),
         "cpus": len(os.sched_getaffinity(0)), "python": sys.version.split()[0],
         "load_average_at_start": load_average(),
-        "baseline": str(args.baseline) if args.baseline else None}, "settings": {}}
+        "baselines": [str(code) for code in args.baseline]}, "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        jpegs = work / "jpegs"
+        jpegs.mkdir()
+        for n, jpeg in enumerate(make_jpegs(args.images)):
+            (jpegs / f"{n:05d}.jpg").write_bytes(jpeg)
         if args.projection_dim:
             from bench.random_clip import write_tiny
             args.model = str(write_tiny(work / "tiny-clip", args.projection_dim))
@@ -209,47 +280,16 @@ def main() -> None:
             from bench.harness import MilvusServer
             (work / "milvus").mkdir()
             server = MilvusServer(work / "milvus").wait_ready()
-        embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
-                        work / "embedder.log").ready()
+        # (name, code, --workers, relay): baselines first, the floor last.
+        settings = [(f"baseline_{code.name}", code.resolve(), 1, False) for code in args.baseline]
+        settings += [(f"workers_{workers}", ROOT, workers, False) for workers in args.workers]
+        settings += [("floor", ROOT, 1, True)] if args.floor else []
         try:
-            loadgen.run(target="EncodeImage", server=embedder.address, concurrency=args.clients,
-                        batch=args.batch, duration_s=2, jpegs=jpegs, warmup_s=0)  # warm-up
-            settings = [("baseline", 1)] if args.baseline else []
-            settings += [(f"workers_{workers}", workers) for workers in args.workers]
-            settings += [("floor", 1)] if args.floor else []
-            for name, workers in settings:
-                if name == "floor":
-                    search = Proc("bench.relay", ["--embedder", embedder.address], work / "relay.log")
-                else:
-                    search = Proc("search_service", [
-                        "--embedder", embedder.address, "--data-dir", str(work / f"data-{name}"),
-                        *(["--workers", str(workers)] if workers != 1 else []),
-                        "--ingest-batch", str(args.ingest_batch),
-                        *(["--milvus-uri", server.uri, "--collection", f"bench_{name}"]
-                          if server else []),
-                        *args.search_args.split()], work / f"search-{name}.log",
-                        cwd=args.baseline if name == "baseline" else ROOT)
-                search.ready()
-                runs = []
-                try:
-                    loadgen.run(target="Ingest", server=search.address, concurrency=args.clients,
-                                batch=args.batch, duration_s=2, jpegs=jpegs, warmup_s=0)  # warm-up
-                    for _ in range(args.rounds):
-                        encode = encode_run(embedder, jpegs, args.seconds, args.clients, args.batch)
-                        ingest = ingest_run(search, embedder, jpegs, args.seconds, args.clients,
-                                            args.batch)
-                        runs.append({"encode_image": encode, "ingest": ingest,
-                                     "ratio": round(ingest["items_per_s"] / encode["items_per_s"], 3)})
-                finally:
-                    code = search.stop()
-                ratios = sorted(r["ratio"] for r in runs)
-                per_image = sorted(r["ingest"]["search_cpu_us_per_image"]["total"] for r in runs)
-                out["settings"][name] = {
-                    "runs": runs, "exit_code": code, "ratio_median": ratios[len(ratios) // 2],
-                    "search_cpu_us_per_image_median": per_image[len(per_image) // 2]}
+            for name, code, workers, relay in settings:
+                out["settings"][name] = setting(args, name, code, workers, relay, work, jpegs,
+                                                server)
                 print(json.dumps(out["settings"][name], indent=1), flush=True)
         finally:
-            out["meta"]["exit_embedder"] = embedder.stop()
             if server is not None:
                 server.stop()
         out["meta"]["milvus"] = "Milvus 2.3.5 standalone server" if server else "Milvus Lite"
