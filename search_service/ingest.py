@@ -137,10 +137,11 @@ class SharedCalls:
 
     async def _write(self, collection: str, row_lists: list[list[Row]]) -> list[str]:
         def write_and_stamp() -> str:
-            self._store.write(collection, [row for rows in row_lists for row in rows])
-            # Taken after the write, so the token covers it, and covers the
-            # rows the batches found present (seen by Strong reads before it).
-            return consistency.encode(self._store.timestamp())
+            # The write's own timestamp covers it, and the rows the batches
+            # found present (seen by Strong reads before it was sent). A
+            # write of no rows has none: a timestamp is taken after it.
+            stamp = self._store.write(collection, [row for rows in row_lists for row in rows])
+            return consistency.encode(stamp or self._store.timestamp())
         return [await self._milvus(write_and_stamp)] * len(row_lists)
 
 

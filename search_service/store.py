@@ -139,7 +139,8 @@ def _upsert_request(name: str, rows: list[Row], schema: dict) -> milvus_pb2.Upse
     column = request.fields_data.add(field_name="metadata", type=DataType.JSON)
     # Raw UTF-8, as pymilvus sends it: the 2.3 server's filters match no \u escapes.
     column.scalars.json_data.data.extend(
-        [json.dumps(row.metadata, ensure_ascii=False).encode() for row in rows])
+        [json.dumps(row.metadata, ensure_ascii=False).encode() if row.metadata else b"{}"
+         for row in rows])
     return request
 
 
@@ -323,9 +324,12 @@ class MilvusStore:
             return {"consistency_level": "Customized", "guarantee_timestamp": after}
         return {"consistency_level": "Bounded"}
 
-    def write(self, name: str, rows: list[Row]) -> None:
+    def write(self, name: str, rows: list[Row]) -> int:
         """Upsert, not insert: two concurrent ingests of one image leave one row.
         Returns once every row is written; requests stay under the size limit.
+        Returns the Milvus timestamp of the last request (a read that waits
+        for it sees every row, as pymilvus's Session consistency uses it), or
+        0: on Milvus Lite, or when nothing was written.
 
         Column-wise: each request is built here as Milvus's own UpsertRequest,
         one column per field, the vectors copied in as one packed float32
@@ -335,12 +339,14 @@ class MilvusStore:
         here (bench/ingest_cpu.py, docs/benchmarks.md)."""
         parts = chunks(rows, self._max_write_bytes)
         if not parts:
-            return
+            return 0
         schema = self._schema(name)
+        stamp = 0
         for part in parts:
             try:
-                self._call(f"write to {name!r}", "upsert", name, [], handler=True, schema=schema,
-                           upsert_param=_upsert_request(name, part, schema))
+                stamp = self._call(f"write to {name!r}", "upsert", name, [], handler=True,
+                                   schema=schema, upsert_param=_upsert_request(name, part, schema)
+                                   ).timestamp
             except ServiceError as exc:
                 if not isinstance(exc.__cause__, SchemaMismatchRetryableException):
                     raise
@@ -350,6 +356,7 @@ class MilvusStore:
                     f"collection {name!r} changed while being written (dropped and made "
                     "again?): these rows were not written; retry") from exc
         log.debug("wrote %d rows to %r in %d requests", len(rows), name, len(parts))
+        return 0 if self.lite else stamp
 
     def _schema(self, name: str) -> dict:
         """The collection's description as pymilvus gives it (cached)."""

@@ -17,6 +17,7 @@ from pymilvus import MilvusClient
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
 from search_service.ingest import image_id
+from search_service.store import MilvusStore, ModelIdentity, Row
 from tests.services import (ROOT, TEST_MODEL, Load, Service, eventually, free_port, photo,
                             start_embedder, start_search, status_of)
 
@@ -249,6 +250,27 @@ def test_a_write_through_one_replica_is_read_through_another(tmp_path, embedder_
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_a_writes_own_timestamp_is_its_token(milvus_server):
+    """Ingest's token is the Milvus timestamp of the write itself (no
+    timestamp call after it): each write's is later than the last, and a
+    count that waits for it, sent at once, sees every row written."""
+    store = MilvusStore(milvus_server.uri)
+    try:
+        store.create("stamps", ModelIdentity("stamps", "f" * 64, 8))
+        last, rng = store.timestamp(), np.random.default_rng(7)
+        for n in range(5):
+            vectors = rng.standard_normal((20, 8)).astype("<f4")
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            stamp = store.write("stamps", [Row(image_id(b"%d-%d" % (n, i)), vector, "", {})
+                                           for i, vector in enumerate(vectors)])
+            assert stamp > last
+            assert store.count("stamps", stamp) == 20 * (n + 1)
+            last = stamp
+        assert store.write("stamps", []) == 0  # nothing written: the caller takes a timestamp
+    finally:
+        store.close()
 
 
 def _at_once(call, args) -> None:
