@@ -12,19 +12,19 @@ cheap random model; `--milvus-server`: a Milvus 2.3.5 standalone server
 instead of Lite.)
 
 For each setting (each baseline checkout, each `--workers` value of this
-one) it starts that code's embedder and search service (Milvus Lite under
-its data directory) as separate processes on loopback, then alternates
-closed-loop `EncodeImage` runs against the embedder and `Ingest` runs
-through the search service. The load comes from that code's own
-bench/loadgen.py, in a process of its own, so a checkout from before the
-API revision is loaded as its clients used it (one image per Ingest
+one, the floor) it starts that code's embedder and search service (Milvus
+Lite under its data directory) as separate processes on loopback. All
+settings stay up side by side, and take their rounds in turn: in each, a
+closed-loop `EncodeImage` run against the setting's embedder, then an
+`Ingest` run through its search service. The load comes from that code's
+own bench/loadgen.py, in a process of its own, so a checkout from before
+the API revision is loaded as its clients used it (one image per Ingest
 message). Every run sends the same photo JPEGs; ingest gives each image a
 trailer so that every one is new, at the same decode cost. For each Ingest
 run it records the CPU seconds of the search service's whole process tree
 (the parent, its workers, and Milvus Lite, which runs inside a search
 process) per ingested image, and the share of that spent on the main
-thread (the event loop of a single-process service). Ratios compare runs
-of the same invocation, back to back.
+thread (the event loop of a single-process service).
 
 This script starts its own processes (it does not use the test helpers),
 and a Milvus server only with `--milvus-server`.
@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.harness import ROOT, free_port, stop_process
@@ -182,43 +183,57 @@ def commit() -> str:
         return "unknown"
 
 
-def setting(args, name: str, code: Path, workers: int, relay: bool, work: Path, jpegs: Path,
-            server) -> dict:
-    """`args.rounds` EncodeImage/Ingest pairs on `code`'s embedder and search
-    service (or bench/relay.py), started for this setting and stopped after."""
-    embedder = Proc("embedder_service", ["--model", args.model, *args.embedder_args.split()],
-                    work / f"embedder-{name}.log", cwd=code).ready()
-    try:
-        load(code, "EncodeImage", embedder.address, jpegs, 2, args.clients, args.batch)  # warm-up
-        if relay:
-            search = Proc("bench.relay", ["--embedder", embedder.address], work / "relay.log")
+@dataclass
+class Arm:
+    """One setting: `code`'s embedder and search service (or bench/relay.py)."""
+    name: str
+    code: Path
+    workers: int
+    relay: bool
+    runs: list = field(default_factory=list)
+    embedder: Proc | None = None
+    search: Proc | None = None
+
+    def start(self, args, work: Path, server) -> None:
+        self.embedder = Proc("embedder_service", ["--model", args.model,
+                                                  *args.embedder_args.split()],
+                             work / f"embedder-{self.name}.log", cwd=self.code).ready()
+        if self.relay:
+            self.search = Proc("bench.relay", ["--embedder", self.embedder.address],
+                               work / "relay.log")
         else:
-            search = Proc("search_service", [
-                "--embedder", embedder.address, "--data-dir", str(work / f"data-{name}"),
-                *(["--workers", str(workers)] if workers != 1 else []),
+            self.search = Proc("search_service", [
+                "--embedder", self.embedder.address, "--data-dir", str(work / f"data-{self.name}"),
+                *(["--workers", str(self.workers)] if self.workers != 1 else []),
                 "--ingest-batch", str(args.ingest_batch),
-                *(["--milvus-uri", server.uri, "--collection", f"bench_{name}"] if server else []),
-                *args.search_args.split()], work / f"search-{name}.log", cwd=code)
-        search.ready()
-        runs = []
-        try:
-            load(code, "Ingest", search.address, jpegs, 2, args.clients, args.batch,
-                 next(_RUNS))  # warm-up
-            for _ in range(args.rounds):
-                encode = encode_run(code, embedder, jpegs, args.seconds, args.clients, args.batch)
-                ingest = ingest_run(code, search, embedder, jpegs, args.seconds, args.clients,
-                                    args.batch)
-                runs.append({"encode_image": encode, "ingest": ingest,
-                             "ratio": round(ingest["items_per_s"] / encode["items_per_s"], 3)})
-        finally:
-            search_exit = search.stop()
-    finally:
-        embedder_exit = embedder.stop()
-    ratios = sorted(r["ratio"] for r in runs)
-    per_image = sorted(r["ingest"]["search_cpu_us_per_image"]["total"] for r in runs)
-    return {"code": str(code), "runs": runs, "exit_code": search_exit,
-            "exit_embedder": embedder_exit, "ratio_median": ratios[len(ratios) // 2],
-            "search_cpu_us_per_image_median": per_image[len(per_image) // 2]}
+                *(["--milvus-uri", server.uri, "--collection", f"bench_{self.name}"]
+                  if server else []),
+                *args.search_args.split()], work / f"search-{self.name}.log", cwd=self.code)
+        self.search.ready()
+
+    def warm_up(self, args, jpegs: Path) -> None:
+        load(self.code, "EncodeImage", self.embedder.address, jpegs, 2, args.clients, args.batch)
+        load(self.code, "Ingest", self.search.address, jpegs, 2, args.clients, args.batch,
+             next(_RUNS))
+
+    def round(self, args, jpegs: Path) -> None:
+        encode = encode_run(self.code, self.embedder, jpegs, args.seconds, args.clients,
+                            args.batch)
+        ingest = ingest_run(self.code, self.search, self.embedder, jpegs, args.seconds,
+                            args.clients, args.batch)
+        self.runs.append({"encode_image": encode, "ingest": ingest,
+                          "ratio": round(ingest["items_per_s"] / encode["items_per_s"], 3)})
+
+    def stop(self) -> dict:
+        """The arm's summary, once its processes have stopped."""
+        exits = {role: proc.stop() for role, proc in (("search", self.search),
+                                                      ("embedder", self.embedder)) if proc}
+        ratios = sorted(r["ratio"] for r in self.runs)
+        per_image = sorted(r["ingest"]["search_cpu_us_per_image"]["total"] for r in self.runs)
+        return {"code": str(self.code), "runs": self.runs, "exit_codes": exits,
+                "ratio_median": ratios[len(ratios) // 2] if ratios else None,
+                "search_cpu_us_per_image_median":
+                    per_image[len(per_image) // 2] if per_image else None}
 
 
 def main() -> None:
@@ -280,16 +295,25 @@ def main() -> None:
             from bench.harness import MilvusServer
             (work / "milvus").mkdir()
             server = MilvusServer(work / "milvus").wait_ready()
-        # (name, code, --workers, relay): baselines first, the floor last.
-        settings = [(f"baseline_{code.name}", code.resolve(), 1, False) for code in args.baseline]
-        settings += [(f"workers_{workers}", ROOT, workers, False) for workers in args.workers]
-        settings += [("floor", ROOT, 1, True)] if args.floor else []
+        # Baselines first, the floor last. All run side by side, idle but for
+        # their turn, and take their rounds in turn: the machine's load drifts
+        # (other jobs share it), and in turn it drifts alike for every arm.
+        arms = [Arm(f"baseline_{code.name}", code.resolve(), 1, False) for code in args.baseline]
+        arms += [Arm(f"workers_{workers}", ROOT, workers, False) for workers in args.workers]
+        arms += [Arm("floor", ROOT, 1, True)] if args.floor else []
         try:
-            for name, code, workers, relay in settings:
-                out["settings"][name] = setting(args, name, code, workers, relay, work, jpegs,
-                                                server)
-                print(json.dumps(out["settings"][name], indent=1), flush=True)
+            for arm in arms:
+                arm.start(args, work, server)
+                arm.warm_up(args, jpegs)
+            for number in range(args.rounds):
+                for arm in arms:
+                    arm.round(args, jpegs)
+                print(f"round {number + 1} of {args.rounds}: " + ", ".join(
+                    f"{arm.name} {arm.runs[-1]['ingest']['search_cpu_us_per_image']['total']} us"
+                    for arm in arms), flush=True)
         finally:
+            for arm in arms:
+                out["settings"][arm.name] = arm.stop()
             if server is not None:
                 server.stop()
         out["meta"]["milvus"] = "Milvus 2.3.5 standalone server" if server else "Milvus Lite"
