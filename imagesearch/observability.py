@@ -130,8 +130,12 @@ def _parser(deserializer):
 
 
 async def _parsed_stream(requests, parse):
+    """The parsed messages of a stream, holding none while the next is
+    awaited (they may be large; the handler lets each go once read)."""
     async for raw in requests:
-        yield parse(raw)
+        message, raw = parse(raw), None
+        yield message
+        message = None
 
 
 async def _request(request, parse, streaming: bool, context):

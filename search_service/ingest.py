@@ -230,6 +230,7 @@ class IngestPipeline:
         queue = _ReadAhead(2 * self._batch_size, 2 * self._max_batch_bytes)
         out: asyncio.Queue = asyncio.Queue()
         reader = asyncio.create_task(self._read(first, rest, queue))
+        del first  # the reader's now, to let go once its items are read
         worker = asyncio.create_task(self._work(queue, out))
         try:
             while (response := await out.get()) is not _END:
@@ -240,8 +241,9 @@ class IngestPipeline:
             reader.cancel()
             worker.cancel()
 
-    async def _read(self, first, rest: AsyncIterator, queue: _ReadAhead) -> None:
-        index, number, request = 0, 0, first
+    async def _read(self, request, rest: AsyncIterator, queue: _ReadAhead) -> None:
+        """Queue the items of `request`, then of each message of `rest`."""
+        index = number = 0
         try:
             while True:
                 if number and request.collection:
@@ -249,10 +251,11 @@ class IngestPipeline:
                                           "`collection` in the first message only", "collection")
                 if request.items:
                     # Each read of a bytes field copies it: `image` is read
-                    # once. The message is let go before waiting for room, so
-                    # a waiting stream holds one message's images, as it
-                    # would hold the message itself. (Not `ByteSize()`: upb
-                    # serializes the message to count it, 46 us a 37 KB image.)
+                    # once. The message is let go before waiting for room
+                    # (the first one too: nothing else holds it), so a
+                    # stream holds one message's images beyond its
+                    # read-ahead, never its messages. (Not `ByteSize()`: upb
+                    # serializes a message to size it, 46 us a 37 KB image.)
                     items = [Item(index + i, entry.image, entry.uri, dict(entry.metadata))
                              for i, entry in enumerate(request.items)]
                     request = None
@@ -292,6 +295,7 @@ class IngestPipeline:
                     self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, _why(exc)))
                     raise
                 writing = asyncio.create_task(self._store_batch(batch, out))
+                items = batch = None  # the write holds them now, and lets them go when done
             if writing is not None:
                 await asyncio.shield(writing)
             out.put_nowait(_END)

@@ -185,9 +185,11 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             if first is None:
                 return  # an empty stream stores nothing
             collection = validation.collection(first.collection, self._default_collection)
-            pipeline = IngestPipeline(collection, self._store, self._milvus, self._shared,
-                                      self._embedder, self._in_flight, self._ingest, context)
-            async for response in pipeline.run(first, requests):
+            responses = IngestPipeline(collection, self._store, self._milvus, self._shared,
+                                       self._embedder, self._in_flight, self._ingest,
+                                       context).run(first, requests)
+            del first  # the pipeline lets it go once its items are read
+            async for response in responses:
                 yield response
         except ServiceError as exc:
             await _abort(context, exc)
