@@ -195,9 +195,11 @@ class Arm:
     search: Proc | None = None
 
     def start(self, args, work: Path, server) -> None:
+        # Kept before waiting, so stop() finds it whatever ends the wait.
         self.embedder = Proc("embedder_service", ["--model", args.model,
                                                   *args.embedder_args.split()],
-                             work / f"embedder-{self.name}.log", cwd=self.code).ready()
+                             work / f"embedder-{self.name}.log", cwd=self.code)
+        self.embedder.ready()
         if self.relay:
             self.search = Proc("bench.relay", ["--embedder", self.embedder.address],
                                work / "relay.log")
@@ -297,7 +299,8 @@ def main() -> None:
             server = MilvusServer(work / "milvus").wait_ready()
         # Baselines first, the floor last. All run side by side, idle but for
         # their turn, and take their rounds in turn: the machine's load drifts
-        # (other jobs share it), and in turn it drifts alike for every arm.
+        # (other jobs share it), so each arm's rounds fall minutes apart from
+        # the others', not a whole setting apart.
         arms = [Arm(f"baseline_{code.name}", code.resolve(), 1, False) for code in args.baseline]
         arms += [Arm(f"workers_{workers}", ROOT, workers, False) for workers in args.workers]
         arms += [Arm("floor", ROOT, 1, True)] if args.floor else []

@@ -126,23 +126,28 @@ class SharedCalls:
         """Which of `ids` are stored (a Strong read)."""
         return await self._reads(collection, ids, len(ids))
 
-    async def write(self, collection: str, rows: list[Row]) -> str:
-        """Write `rows`; the consistency token of a read that sees them."""
-        return await self._writes(collection, rows, len(rows))
+    async def write(self, collection: str, rows: list[Row], found: bool) -> str:
+        """Write `rows`; the consistency token of a read that sees them, and,
+        when `found`, the rows the batch's Strong read found stored."""
+        return await self._writes(collection, (rows, found), len(rows))
 
     async def _read(self, collection: str, id_lists: list[list[str]]) -> list[set[str]]:
         ids = list(dict.fromkeys(id_ for ids in id_lists for id_ in ids))
         found = await self._milvus(self._store.existing_ids, collection, ids)
         return [found.intersection(ids) for ids in id_lists]
 
-    async def _write(self, collection: str, row_lists: list[list[Row]]) -> list[str]:
+    async def _write(self, collection: str, batches: list[tuple[list[Row], bool]]) -> list[str]:
         def write_and_stamp() -> str:
-            # The write's own timestamp covers it, and the rows the batches
-            # found present (seen by Strong reads before it was sent). A
-            # write of no rows has none: a timestamp is taken after it.
-            stamp = self._store.write(collection, [row for rows in row_lists for row in rows])
-            return consistency.encode(stamp or self._store.timestamp())
-        return [await self._milvus(write_and_stamp)] * len(row_lists)
+            stamp = self._store.write(collection, [row for rows, _ in batches for row in rows])
+            # The write's own timestamp covers its rows. Rows found stored
+            # were stamped by other writers, whose Milvus proxies may hand
+            # out timestamps from batches taken earlier: only one allocated
+            # after the write is sure to cover them too (and a write of no
+            # rows has none of its own).
+            if not stamp or any(found for _, found in batches):
+                stamp = self._store.timestamp()
+            return consistency.encode(stamp)
+        return [await self._milvus(write_and_stamp)] * len(batches)
 
 
 class _ReadAhead:
@@ -196,6 +201,7 @@ class _Batch:
     claims: dict[str, str]  # id -> "" or why it failed, for the ids this batch stores
     follow: list[tuple[Item, str, asyncio.Future]]
     follows_others: bool  # some follow another stream's write, which may end after this one's
+    found: bool  # some were found stored by the existence read
 
 
 @dataclass(frozen=True)
@@ -260,7 +266,7 @@ class IngestPipeline:
                              for i, entry in enumerate(request.items)]
                     request = None
                     await queue.put(items, sum(len(item.image) for item in items))
-                    index += len(items)
+                    index, items = index + len(items), None
                 try:
                     request = await asyncio.wait_for(anext(rest, None), self._idle_s)
                 except asyncio.TimeoutError:  # not the builtin before Python 3.11
@@ -367,7 +373,8 @@ class IngestPipeline:
             self._in_flight.settle(self._collection, dict.fromkeys(claimed, _why(exc)))
             raise
         return _Batch(items, rows, results, claims, follow,
-                      follows_others=any(id_ in busy for _, id_ in todo.follow))
+                      follows_others=any(id_ in busy for _, id_ in todo.follow),
+                      found=bool(present))
 
     async def _create(self, model: ModelIdentity) -> None:
         """Create the collection for the model of the first vectors. Another
@@ -381,7 +388,7 @@ class IngestPipeline:
 
     async def _store_batch(self, batch: _Batch, out: asyncio.Queue) -> None:
         try:
-            token = await self._shared.write(self._collection, batch.rows)
+            token = await self._shared.write(self._collection, batch.rows, batch.found)
         except BaseException as exc:
             self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, _why(exc)))
             raise

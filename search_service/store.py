@@ -329,7 +329,8 @@ class MilvusStore:
         Returns once every row is written; requests stay under the size limit.
         Returns the Milvus timestamp of the last request (a read that waits
         for it sees every row, as pymilvus's Session consistency uses it), or
-        0: on Milvus Lite, or when nothing was written.
+        0: on Milvus Lite, when nothing was written, or when the server sent
+        none.
 
         Column-wise: each request is built here as Milvus's own UpsertRequest,
         one column per field, the vectors copied in as one packed float32

@@ -253,9 +253,9 @@ def test_a_write_through_one_replica_is_read_through_another(tmp_path, embedder_
 
 
 def test_a_writes_own_timestamp_is_its_token(milvus_server):
-    """Ingest's token is the Milvus timestamp of the write itself (no
-    timestamp call after it): each write's is later than the last, and a
-    count that waits for it, sent at once, sees every row written."""
+    """The token of an ingest batch of new images is the Milvus timestamp of
+    its write (no timestamp call after it): each write's is later than the
+    last, and a count that waits for it, sent at once, sees every row."""
     store = MilvusStore(milvus_server.uri)
     try:
         store.create("stamps", ModelIdentity("stamps", "f" * 64, 8))

@@ -92,3 +92,35 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
                 pass
         return registry.busy("c", [image_id(b"a"), image_id(b"b")])
     assert asyncio.run(run()) == {}
+
+
+def test_a_token_is_the_writes_own_stamp_only_for_writes_of_new_images_alone():
+    """A write of new images only answers with its own Milvus timestamp. One
+    that carries a batch whose images were found stored (rows of other
+    writers, which a Milvus proxy may have stamped from a batch of
+    timestamps taken earlier), or that writes nothing, takes a fresh one
+    after it. Milvus is a stand-in: a proxy's stale timestamp batch cannot be
+    caused on the one standalone server here."""
+    from search_service import consistency
+    from search_service.ingest import SharedCalls
+    from search_service.store import Row
+
+    class Store:
+        def __init__(self):
+            self.stamps = iter(range(100, 200))
+
+        def write(self, name, rows):
+            return next(self.stamps) if rows else 0
+
+        def timestamp(self):
+            return next(self.stamps)
+
+    async def tokens(*batches):
+        loop = asyncio.get_running_loop()
+        shared = SharedCalls(Store(), lambda fn, *a: loop.run_in_executor(None, fn, *a))
+        return [consistency.decode(await shared.write("c", rows, found)) for rows, found in batches]
+
+    row = Row("a" * 64, [1.0], "", {})
+    assert asyncio.run(tokens(([row], False))) == [100]  # one call: the write's
+    assert asyncio.run(tokens(([row], True))) == [101]  # the write's (100), then a fresh one
+    assert asyncio.run(tokens(([], False))) == [100]  # no write: a fresh one
