@@ -47,7 +47,8 @@ class Service:
                 [*(prefix or []), sys.executable, "-m", module, "--host", host, "--port", str(self.port),
                  "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
                  *args],
-                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+                cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # a group of its own, for kill_group
 
     def wait_ready(self, timeout_s: float = 120, service: str = "",
                    credentials: grpc.ChannelCredentials | None = None) -> "Service":
@@ -67,6 +68,11 @@ class Service:
     def stop(self, timeout_s: float = 30) -> int:
         """SIGTERM and wait; the exit code (0 for a clean shutdown)."""
         return stop_process(self.process, timeout_s)
+
+    def kill_group(self) -> None:
+        """`kill -9` of the process and every process it started (--workers), at once."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def answers_within(ask, refusal: type[Exception], process: subprocess.Popen,

@@ -5,6 +5,16 @@ process on a TCP port of 127.0.0.1, with no authentication: any local user
 could read and write the rows there, around the search service's tokens.
 Here the server listens on a Unix socket in a directory of mode 0700 beside
 the file instead, and pymilvus connects to that socket.
+
+Every write to the file goes through one writer. Milvus Lite serves each
+call on a thread of its gRPC server, and its write-ahead log takes no lock:
+two writes at once (two deletes, an upsert beside a delete) interleave their
+records, and recovery after a crash drops everything after the first torn
+one, acknowledged or not (docs/reliability.md, "Milvus Lite's write-ahead
+log"). So every call of the Milvus API that is not a known read runs under
+one lock here. This process is the only one that opens the file (the
+--workers parent serves it to its workers through this socket), so the lock
+orders the writes of every thread, stream and worker of the deployment.
 """
 from __future__ import annotations
 
@@ -12,9 +22,55 @@ import atexit
 import logging
 import os
 import socket
+import threading
+from concurrent import futures
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# The Milvus calls that only read, served side by side. Every other call,
+# including any that a later milvus-lite adds, takes the writer lock.
+READS = frozenset({
+    "CheckHealth", "Connect", "DescribeAlias", "DescribeCollection", "DescribeDatabase",
+    "DescribeIndex", "GetCollectionStatistics", "GetCompactionState", "GetFlushState",
+    "GetLoadState", "GetLoadingProgress", "GetPartitionStatistics", "GetVersion",
+    "HasCollection", "HasPartition", "HybridSearch", "ListAliases", "ListDatabases", "Query",
+    "Search", "ShowCollections", "ShowPartitions"})
+_MAX_MESSAGE_BYTES = 256 << 20  # as milvus-lite's own server, and Milvus standalone
+_SERVER_THREADS = 10
+
+
+def one_writer(servicer) -> None:
+    """Make every call of `servicer` (milvus-lite's MilvusServicer) that is
+    not in READS wait for the previous one to end: one writer at a time."""
+    lock = threading.Lock()
+
+    def serialised(method):
+        def call(request, context):
+            with lock:
+                return method(request, context)
+        return call
+
+    for name in dir(type(servicer)):
+        if name[:1].isupper() and name not in READS and callable(getattr(servicer, name)):
+            setattr(servicer, name, serialised(getattr(servicer, name)))
+
+
+def _serve(db, address: str):
+    """milvus-lite's gRPC server for `db` on `address`, with one writer."""
+    import grpc
+    from milvus_lite.adapter.grpc.servicer import MilvusServicer
+    from pymilvus.grpc_gen import milvus_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=_SERVER_THREADS),
+                         options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                                  ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])
+    servicer = MilvusServicer(db)
+    one_writer(servicer)
+    milvus_pb2_grpc.add_MilvusServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(address)
+    server.start()
+    return server
 
 
 def _answers(path: Path) -> bool:
@@ -31,23 +87,25 @@ class PrivateLite:
     """Milvus Lite serving `db_path` on a Unix socket only its owner can open."""
 
     def __init__(self, db_path: str) -> None:
-        from milvus_lite.adapter.grpc.server import start_server_in_thread
+        from milvus_lite import MilvusLite
 
         path = Path(db_path).resolve()
         folder = path.parent / ".milvus-lite"
         folder.mkdir(mode=0o700, exist_ok=True)
         os.chmod(folder, 0o700)  # also when it existed with other modes
-        name = folder / "milvus.sock"
-        # Milvus Lite binds f"{host}:{port}": as a Unix address the ":0" ends
-        # up in the file name. A socket left by a killed process is replaced;
-        # one that answers belongs to a live process, which owns the file.
-        bound = Path(f"{name}:0")
+        bound = folder / "milvus.sock"
+        # A socket left by a killed process is replaced; one that answers
+        # belongs to a live process, which owns the file.
         if _answers(bound):
             raise RuntimeError(f"{path} is served by another running process (its socket "
                                f"{bound} answers): one search service per Milvus Lite file")
         bound.unlink(missing_ok=True)
-        self._server, self._db, _ = start_server_in_thread(data_dir=str(path),
-                                                           host=f"unix:{name}", port=0)
+        self._db = MilvusLite(str(path))
+        try:
+            self._server = _serve(self._db, f"unix:{bound}")
+        except BaseException:
+            self._db.close()
+            raise
         self.uri = f"unix:{bound}"
         self._stopped = False
         atexit.register(self.stop)  # a process that never calls stop still closes the file
