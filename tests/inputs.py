@@ -69,6 +69,15 @@ def bomb_png(width: int, height: int) -> bytes:
     return png_from_rows(width, height, 1, 0, (row for _ in range(height)))
 
 
+def scan_bomb(side: int, scans: int) -> bytes:
+    """A progressive JPEG whose last refinement scan is repeated `scans`
+    times more: each copy is a few bytes, and each is a pass over the image."""
+    data = encode(Image.new("RGB", (side, side), (200, 100, 50)), "JPEG", progressive=True)
+    end = data.rindex(b"\xff\xd9")
+    last_scan = data[data.rindex(b"\xff\xda"):end]
+    return data[:end] + last_scan * scans + b"\xff\xd9"
+
+
 def with_exif_orientation(image: Image.Image, orientation: int) -> bytes:
     exif = Image.Exif()
     exif[0x0112] = orientation

@@ -12,7 +12,7 @@ from PIL import Image
 
 from imagesearch.client import IngestItem, IngestResult
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2
-from tests.inputs import CORRUPT, bomb_png, case_data
+from tests.inputs import CORRUPT, bomb_png, case_data, scan_bomb
 from tests.services import eventually, metric, photo, scrape, status_of
 
 
@@ -95,6 +95,23 @@ def test_allow_partial_fails_bad_items_alone(embedder_stub, embedder):
     assert [bool(e.error) for e in response.embeddings] == [False, True, False]
     vectors = np.stack([np.frombuffer(response.embeddings[i].vector, "<f4") for i in (0, 2)])
     np.testing.assert_allclose(vectors, embedder.encode_images(good), atol=1e-5)
+
+
+def test_an_image_refused_for_its_decode_cost_fails_alone(embedder_stub, search):
+    """A JPEG of thousands of scans failed a whole Ingest stream (the
+    embedder timed out on it) and, through SearchByImage, made the embedder
+    UNAVAILABLE for everyone. Refused from its bytes, it fails as one item."""
+    bomb = scan_bomb(64, 5000)
+    response = embedder_stub.EncodeImage(embedder_pb2.EncodeImageRequest(
+        images=[photo(41), bomb], allow_partial=True))
+    assert not response.embeddings[0].error
+    assert "5010 scans, over the limit of 100" in response.embeddings[1].error
+    results = list(search.ingest([IngestItem(photo(42), "ok"), IngestItem(bomb, "bomb")],
+                                 collection="decode_cost"))
+    assert [r.status for r in results] == [IngestResult.STATUS_INSERTED, IngestResult.STATUS_FAILED]
+    assert "scans" in results[1].error
+    error = status_of(search.search_image, bomb)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "scans" in error.details()
 
 
 @pytest.mark.parametrize("request_, code, needle", [

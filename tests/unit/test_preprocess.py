@@ -37,7 +37,7 @@ from embedder_service.preprocess import (  # noqa: E402
     declared_cost,
     decode_image,
 )
-from tests.inputs import (CASES, PHOTO_NAMES, bomb_png, case_data, encode, photo,  # noqa: E402
+from tests.inputs import (CASES, PHOTO_NAMES, bomb_png, case_data, encode, photo, scan_bomb,  # noqa: E402
                           photo_bytes, png_chunk, png_from_rows, with_exif_orientation)
 
 # Max abs difference allowed between our pixel values and the processor's,
@@ -404,3 +404,53 @@ def test_decode_cost_is_per_format_and_checked_from_the_header():
             decode_image(data, max_pixels=10_000_000)
     with pytest.raises(ImageDecodeError, match="PNG costs 4x"):
         decode_image(png16, max_pixels=3_000_000)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_from_its_bytes():
+    """A 5,000-scan JPEG decoded for ~80 s at 49 Mpx while admission counted
+    it as a baseline JPEG. Now scans are counted from the bytes: over
+    MAX_JPEG_SCANS the image is refused before decoding, and below that each
+    ten scans cost one more baseline decode."""
+    bomb = scan_bomb(64, 5000)
+    with pytest.raises(ImageDecodeError, match="JPEG has 5010 scans, over the limit of 100"):
+        decode_image(bomb)
+    assert declared_cost(bomb) == 0  # refused, so admitted at no cost: the decode fails at once
+    normal = encode(Image.new("RGB", (1000, 1000)), "JPEG", progressive=True)  # 10 scans
+    assert declared_cost(normal) == 1_000_000
+    assert declared_cost(scan_bomb(1000, 40)) == 5_000_000  # 50 scans: 5 baseline decodes
+    with pytest.raises(ImageDecodeError, match="JPEG costs 5x baseline JPEG to decode"):
+        decode_image(scan_bomb(1000, 40), max_pixels=4_000_000)
+    assert decode_image(scan_bomb(100, 40)).size == (100, 100)
+
+
+def _float_tiff(side: int) -> bytes:
+    ramp = np.linspace(0.0, 1.0, side * side, dtype=np.float32).reshape(side, side)
+    return encode(Image.fromarray(ramp, mode="F"), "TIFF", compression="tiff_adobe_deflate")
+
+
+def test_wide_sample_tiffs_cost_their_width_and_convert_without_float64_copies():
+    """A 311 KB float TIFF of 49 Mpx took +1.88 GB and 6 s: admission costed
+    every TIFF mode as 8-bit RGB, and the conversion made float64 copies.
+    Float and 32-bit integer TIFFs now cost 4x, 16-bit 2x; the conversion
+    works in place on one float32 copy."""
+    big = _float_tiff(4000)  # 16 Mpx x 4 = 64 Mpx of baseline JPEG
+    assert declared_cost(big) == 64_000_000
+    with pytest.raises(ImageDecodeError, match="TIFF of mode F costs 4x baseline JPEG"):
+        decode_image(big)
+    ints = encode(Image.fromarray(np.full((100, 100), 70000, dtype=np.int32), mode="I"), "TIFF")
+    assert declared_cost(ints) == 40_000
+    assert decode_image(ints).getpixel((0, 0)) == (255, 255, 255)  # 65535 >> 8
+
+    side = 1500
+    data = _float_tiff(side)
+    tracemalloc.start()
+    try:
+        image = decode_image(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # numpy's and Python's allocations are traced, Pillow's are not: the
+    # samples as bytes (Pillow's array interface, 4 bytes a pixel), one
+    # writable float32 copy (4) and a mask (1). It was 32 bytes a pixel.
+    assert peak < 10 * side * side, f"{peak / side / side:.1f} bytes a pixel"
+    assert image.getpixel((0, 0)) == (0, 0, 0) and image.getpixel((side - 1, side - 1)) == (255,) * 3
