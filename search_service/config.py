@@ -85,9 +85,10 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--ingest-batch", default=32, type=positive_int,
                help="most ingest items embedded and written together")
     p.env_flag("--stream-idle-s", default=300.0, type=positive_float,
-               help="an Ingest stream that sends no message for this long ends with "
-                    "DEADLINE_EXCEEDED (after acknowledging what it stored), so idle streams "
-                    "do not hold memory and connections for ever")
+               help="an Ingest stream that sends no message for this long, or whose caller "
+                    "reads none of its results for this long, ends with DEADLINE_EXCEEDED "
+                    "(after acknowledging what it stored), so idle streams do not hold memory "
+                    "and connections for ever")
     p.env_flag("--auth-token-file", default="",
                help="file of accepted client tokens, one per line; with it (or with the "
                     "SEARCH_AUTH_TOKEN environment variable) every call but health checks needs "

@@ -37,6 +37,11 @@ Result = search_pb2.IngestResult
 INGESTED = Counter("search_images_ingested_total",
                    "Ingest results, by status (inserted, already_present, failed)", ["status"])
 _END = object()  # end of the request stream
+# Responses made and not yet taken by the transport, at most, per stream:
+# once this many wait (a caller that does not read its results, and gRPC's
+# flow control holds them), the stream takes no more work, so its reader
+# stops reading requests when the read-ahead is full.
+RESULTS_AHEAD = 2
 
 
 def _why(exc: BaseException) -> str:
@@ -234,15 +239,17 @@ class IngestPipeline:
         except CollectionNotFound:
             pass  # created for the embedder's model with the first batch
         queue = _ReadAhead(2 * self._batch_size, 2 * self._max_batch_bytes)
-        out: asyncio.Queue = asyncio.Queue()
+        out: asyncio.Queue = asyncio.Queue()  # bounded by `room`: RESULTS_AHEAD + 1 at most
+        room = asyncio.Semaphore(RESULTS_AHEAD)  # a batch takes one; a response sent gives it back
         reader = asyncio.create_task(self._read(first, rest, queue))
         del first  # the reader's now, to let go once its items are read
-        worker = asyncio.create_task(self._work(queue, out))
+        worker = asyncio.create_task(self._work(queue, out, room, reader))
         try:
             while (response := await out.get()) is not _END:
                 if isinstance(response, ServiceError):
                     raise response
-                yield response
+                yield response  # returns once the transport took it (flow control)
+                room.release()
         finally:
             reader.cancel()
             worker.cancel()
@@ -283,9 +290,11 @@ class IngestPipeline:
             return
         await queue.put([_END])
 
-    async def _work(self, queue: _ReadAhead, out: asyncio.Queue) -> None:
+    async def _work(self, queue: _ReadAhead, out: asyncio.Queue, room: asyncio.Semaphore,
+                    reader: asyncio.Task) -> None:
         """Embed batch n+1 while batch n is written; each write task answers
-        its batch as soon as it returns, after the batch before it."""
+        its batch as soon as it returns, after the batch before it. A batch
+        starts only while fewer than RESULTS_AHEAD responses wait unsent."""
         writing: asyncio.Task | None = None
         try:
             done = False
@@ -293,6 +302,14 @@ class IngestPipeline:
                 items, done = await self._next_batch(queue)
                 if not items:
                     continue
+                try:
+                    await asyncio.wait_for(room.acquire(), self._idle_s)
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    reader.cancel()  # read no more: what it holds is let go
+                    raise DeadlineExceeded(
+                        f"the caller read none of its results for {self._idle_s:g} s: the stream "
+                        "is closed; read the responses as they come (items after the "
+                        "acknowledged ones were not stored)") from None
                 batch = await self._prepare(items)
                 try:
                     if writing is not None:  # shielded: a write runs to its end (see finally)

@@ -284,3 +284,53 @@ def test_an_idle_ingest_stream_is_closed_and_keeps_what_it_stored(embedder_servi
             assert client.stats("idle").count == 1
     finally:
         assert search.stop() == 0
+
+
+def test_a_stream_whose_results_go_unread_stops_reading_and_ends(embedder_service, tmp_path):
+    """A caller that sends and never reads its responses grew the search
+    process by ~5.5 MB/s: the results waited in an unbounded queue while the
+    stream went on reading and storing. Now the stream stops taking work once
+    a few responses wait unread, and after --stream-idle-s of that it ends
+    DEADLINE_EXCEEDED, after the responses it had made. (The client's window
+    stays at 64 KB, its BDP probe off, so results of 4 KB uris fill it
+    within a few messages; a growing window would take up to a few MB of
+    results into the client first, with the same outcome.)"""
+    total = 60 * 32
+    search = start_search(tmp_path, embedder_service.address, "--stream-idle-s", "2").wait_ready()
+
+    def messages():
+        for m in range(total // 32):
+            yield search_pb2.IngestRequest(collection="unread" if m == 0 else "", items=[
+                search_pb2.IngestItem(image=photo(5000 + 32 * m + i), uri=f"{m}-{i}-" + "u" * 4000)
+                for i in range(32)])
+
+    try:
+        with grpc.insecure_channel(search.address, [("grpc.http2.bdp_probe", 0)]) as channel, \
+                SearchClient(search.address) as client:
+            def stored() -> int:
+                try:
+                    return client.stats("unread").count
+                except grpc.RpcError as exc:  # not created yet
+                    assert exc.code() == grpc.StatusCode.NOT_FOUND
+                    return 0
+
+            responses = search_pb2_grpc.ImageSearchServiceStub(channel).Ingest(messages(), timeout=120)
+            # Unread: the stored count stops growing well short of the stream.
+            eventually(lambda: stored() > 0, 60)
+            stalled = -1
+            while (count := stored()) != stalled:
+                stalled = count
+                time.sleep(1.5)  # no event says "nothing more is stored": watch the count settle
+            assert stalled < total // 4, f"{stalled} of {total} stored while nothing was read"
+            time.sleep(3)  # past --stream-idle-s with results unread
+            results = []
+            with pytest.raises(grpc.RpcError) as info:
+                for response in responses:
+                    results += response.results
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+            assert "read none of its results" in info.value.details()
+            # What it acknowledged is stored; nothing more was taken since.
+            assert len(results) <= client.stats("unread").count == stalled
+            assert all(r.status == IngestResult.STATUS_INSERTED for r in results)
+    finally:
+        assert search.stop() == 0, search.log()
