@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import shutil
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -250,6 +252,39 @@ def test_a_write_through_one_replica_is_read_through_another(tmp_path, embedder_
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def _token_ahead(seconds: float) -> bytes:
+    return b"\x01" + ((int((time.time() + seconds) * 1000)) << 18).to_bytes(8, "big")
+
+
+def test_tokens_ahead_of_the_clock_hold_no_milvus_thread(tmp_path, embedder_service,
+                                                        milvus_server):
+    """Eight searches with a well-formed token 30 s ahead each held a Milvus
+    thread for the whole --milvus-timeout-s and failed UNAVAILABLE, blaming
+    Milvus, while a GetStats waited behind them. Now a token more than a few
+    seconds ahead is refused at once; one slightly ahead is waited for."""
+    service = start_search(tmp_path, embedder_service.address, "--milvus-uri",
+                           milvus_server.uri).wait_ready()
+    try:
+        with SearchClient(service.address) as client:
+            [result] = client.ingest([IngestItem(photo(700), "ahead")], collection="ahead")
+            assert result.status == IngestResult.STATUS_INSERTED
+
+            def search_ahead(_):
+                with SearchClient(service.address) as ahead:
+                    ahead.consistency_token = _token_ahead(30)
+                    return status_of(ahead.search_text, QUERY, 1, "ahead")
+
+            with ThreadPoolExecutor(8) as pool:
+                errors = list(pool.map(search_ahead, range(8)))
+                assert client.stats("ahead").count == 1
+            assert {e.code() for e in errors} == {grpc.StatusCode.INVALID_ARGUMENT}
+            assert all("s in the future" in e.details() for e in errors), errors[0].details()
+            client.consistency_token = _token_ahead(1)  # clocks a little apart: waited for
+            assert client.search_text(QUERY, 1, "ahead")[0].id == result.id
+    finally:
+        assert service.stop() == 0, service.log()
 
 
 def test_a_writes_own_timestamp_is_its_token(milvus_server):

@@ -29,3 +29,7 @@ def test_a_malformed_token_is_invalid_argument(token):
 def test_a_token_from_the_future_is_refused():
     with pytest.raises(InvalidArgument, match="in the future"):
         consistency.decode(consistency.encode(_now() + (120_000 << 18)))
+    with pytest.raises(InvalidArgument, match="10 s in the future"):  # was allowed up to 60 s
+        consistency.decode(consistency.encode(_now() + (10_000 << 18)))
+    near = _now() + (2_000 << 18)  # clocks a little apart
+    assert consistency.decode(consistency.encode(near)) == near
