@@ -39,6 +39,11 @@ class UnsupportedMilvus(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class OutOfRange(ServiceError):
+    """An answer larger than one message may carry."""
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
 class DependencyUnavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 

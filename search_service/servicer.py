@@ -20,14 +20,19 @@ from imagesearch.v1 import embedder_pb2, search_pb2, search_pb2_grpc
 from search_service import consistency, validation
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, InvalidArgument,
-                                   ServiceError)
+                                   OutOfRange, ServiceError)
 from search_service.ingest import InFlight, IngestPipeline, IngestSettings, SharedCalls
-from search_service.store import MilvusStore, ModelIdentity
+from search_service.store import MAX_JSON_BYTES, MAX_URI_LENGTH, MilvusStore, ModelIdentity
 
 log = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT_S = 2.0  # an embedder slower than this to answer a health check is down
 _MILVUS_THREADS = 8  # concurrent Milvus calls; a slow one does not hold up the rest
+# The largest hit a row can make (uri, metadata at Milvus's JSON limit, id,
+# score, framing), and hits whose rows are read at once when that many
+# could exceed a message.
+_MAX_HIT_BYTES = MAX_URI_LENGTH + MAX_JSON_BYTES + 256
+_ROWS_READ = 32
 
 
 def _answers_errors(method):
@@ -108,7 +113,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
                 problems[name] = str(exc)
         return problems
 
-    async def _search(self, request, context, encode, answer):
+    async def _search(self, request, encode, answer):
         """A search: validate, find the collection's model, get the query's
         vector from an embedder of that model (`encode(model)`), ask Milvus;
         `answer` is the response type."""
@@ -124,25 +129,45 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             await encode(None)
             return answer()
         vector = await encode(model)
-        hits = await self._milvus(self._store.search, collection, vector.tolist(), query.limit,
-                                  query.offset, query.expr, query.after)
+        return await self._milvus(self._answer, collection, vector.tolist(), query, answer)
+
+    def _answer(self, collection: str, vector: list[float], query: validation.Query, answer):
+        """The search's response, built on a Milvus thread, never on the event
+        loop, and bounded before it is paid: when the hits asked for could
+        exceed one message at the largest rows Milvus stores, Milvus returns
+        ids and scores only, and their uris and metadata are read _ROWS_READ
+        at a time until they fit or OutOfRange says how many would."""
+        budget = self._max_message_bytes - 1024
+        whole = query.limit * _MAX_HIT_BYTES <= budget
+        hits = self._store.search(collection, vector, query.limit, query.offset, query.expr,
+                                  query.after, fields=whole)
         next_offset = query.offset + query.top_k if len(hits) > query.top_k else 0
         hits = hits[:query.top_k]
         if query.min_score is not None:  # hits come best first
             hits = [hit for hit in hits if hit["score"] >= query.min_score]
-        response = answer(hits=[search_pb2.Hit(**hit) for hit in hits], next_offset=next_offset)
-        if response.ByteSize() > self._max_message_bytes - 1024:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE,
-                                f"the {len(hits)} hits are {response.ByteSize()} bytes, over the "
-                                f"{self._max_message_bytes}-byte response limit: ask for fewer "
-                                "(a lower top_k)")
+        if whole:
+            return answer(hits=[search_pb2.Hit(**hit) for hit in hits], next_offset=next_offset)
+        response, size = answer(next_offset=next_offset), 0
+        for start in range(0, len(hits), _ROWS_READ):
+            part = hits[start:start + _ROWS_READ]
+            rows = self._store.rows(collection, [hit["id"] for hit in part], query.after)
+            for hit in part:
+                if (row := rows.get(hit["id"])) is None:
+                    continue  # deleted since the search
+                response.hits.append(search_pb2.Hit(**hit, **row))
+                size += response.hits[-1].ByteSize() + 8  # the field's tag and length
+                if size > budget:
+                    raise OutOfRange(
+                        f"the {len(hits)} hits are over the {self._max_message_bytes}-byte "
+                        f"response limit: ask for fewer (a lower top_k), at most "
+                        f"{len(response.hits) - 1}, or page with offset")
         return response
 
     @_answers_errors
     async def SearchByText(self, request, context):
         if not request.query.strip():
             raise InvalidArgument("query is empty: give the text to search for", "query")
-        return await self._search(request, context, lambda model: self._embedder.encode_text(
+        return await self._search(request, lambda model: self._embedder.encode_text(
             request.query, model, context), search_pb2.SearchByTextResponse)
 
     @_answers_errors
@@ -155,7 +180,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             if isinstance(vector, str):
                 raise InvalidArgument(f"image: {vector}", "image")
             return vector
-        return await self._search(request, context, encode, search_pb2.SearchByImageResponse)
+        return await self._search(request, encode, search_pb2.SearchByImageResponse)
 
     @_answers_errors
     async def Delete(self, request, context):

@@ -63,6 +63,7 @@ logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
 logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 MAX_URI_LENGTH = 4096
+MAX_JSON_BYTES = 65536  # Milvus's limit for one JSON value: the most metadata a row can hold
 MAX_RESULT_WINDOW = 16384  # Milvus's limit on top_k + offset
 _MODEL_PROP = "imagesearch.model"
 _FINGERPRINT_PROP = "imagesearch.fingerprint"
@@ -377,16 +378,26 @@ class MilvusStore:
         return self._call("allocate a timestamp", "alloc_timestamp", handler=True)
 
     def search(self, name: str, vector: list[float], limit: int, offset: int = 0,
-               expr: str = "", after: int = 0) -> list[dict]:
-        """Hits as dicts with id, score, uri and metadata, best first."""
+               expr: str = "", after: int = 0, fields: bool = True) -> list[dict]:
+        """Hits as dicts with id and score, best first, and with uri and
+        metadata unless `fields` is False (then `rows` fetches them)."""
         params: dict = {"metric_type": "COSINE"}
         if self._hnsw:  # HNSW needs ef >= the hits it must find
             params["params"] = {"ef": max(self._hnsw.ef, limit + offset)}
         result = self._call("search", "search", name, data=[vector], limit=limit, offset=offset,
-                            filter=expr, output_fields=["uri", "metadata"],
+                            filter=expr, output_fields=["uri", "metadata"] if fields else [],
                             search_params=params, **self._read(after))
+        if not fields:
+            return [{"id": hit["id"], "score": hit["distance"]} for hit in result[0]]
         return [{"id": hit["id"], "score": hit["distance"], "uri": hit["entity"]["uri"],
                  "metadata": hit["entity"]["metadata"] or {}} for hit in result[0]]
+
+    def rows(self, name: str, ids: list[str], after: int = 0) -> dict[str, dict]:
+        """{id: {"uri", "metadata"}} of the ids that are stored, read as a
+        search with the same token reads."""
+        rows = self._call("read rows", "get", name, ids=ids, output_fields=["uri", "metadata"],
+                          **self._read(after))
+        return {row["id"]: {"uri": row["uri"], "metadata": row["metadata"] or {}} for row in rows}
 
     def delete(self, name: str, ids: list[str]) -> set[str]:
         """Remove the ids that are present; return those."""
