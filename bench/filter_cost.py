@@ -24,7 +24,8 @@ from bench.report import emit
 from imagesearch.v1 import search_pb2
 from search_service import filters
 from search_service.errors import ServiceError
-from search_service.store import MilvusStore, ModelIdentity, Row
+from search_service.domain import ModelIdentity
+from search_service.store import MilvusStore, Row
 
 # (keys, values per key, bytes per value): up to what the per-key limits
 # allowed before the total was capped at 64 values.

@@ -30,7 +30,8 @@ from search_service.errors import ServiceError, UnsupportedMilvus
 from search_service.readiness import watch_dependencies
 from search_service.ingest import IngestSettings
 from search_service.servicer import ImageSearchServicer
-from search_service.store import HnswParams, MilvusStore
+from search_service.store import HnswParams, MilvusStore, Store
+from search_service.store.lite import PrivateLite
 
 log = logging.getLogger("search_service")
 
@@ -54,7 +55,6 @@ async def run(config: SearchConfig, store: MilvusStore,
                     tokens=tokens, share_port=bool(config.worker_of))
     finally:
         startup_check.cancel()
-        await asyncio.get_running_loop().run_in_executor(None, servicer.close)
         await embedder.close()
 
 
@@ -75,28 +75,49 @@ def main(argv: list[str] | None = None) -> None:
     except SecurityConfigError as exc:
         exit_startup(f"search: {exc}")
     if workers.resolve(config.workers) > 1:  # this process supervises; the workers serve
-        sys.exit(workers.supervise(config, sys.argv[1:] if argv is None else argv))
+        sys.exit(_supervise(config, sys.argv[1:] if argv is None else argv))
     if config.worker_of:
         workers.follow_parent(config.worker_of)
     tracing.setup("imagesearch-search")
     if not config.milvus_uri:
         os.makedirs(config.data_dir, exist_ok=True)
-    store = MilvusStore(config.milvus_target, config.milvus_token,
-                        timeout_s=config.milvus_timeout_s, max_write_bytes=config.milvus_write_kb << 10,
-                        hnsw=HnswParams(config.hnsw_m, config.hnsw_ef_construction, config.hnsw_ef),
-                        lite_server=config.worker_lite_uri)
+    milvus = MilvusStore(config.milvus_target, config.milvus_token,
+                         timeout_s=config.milvus_timeout_s,
+                         max_write_bytes=config.milvus_write_kb << 10,
+                         hnsw=HnswParams(config.hnsw_m, config.hnsw_ef_construction,
+                                         config.hnsw_ef),
+                         lite_server=config.worker_lite_uri)
     try:
-        store.connect()
+        milvus.connect()
     except ServiceError as exc:
         # Neither a local file that cannot be opened nor a Milvus too old heals by itself.
-        if store.lite or isinstance(exc, UnsupportedMilvus):
+        if milvus.lite or isinstance(exc, UnsupportedMilvus):
             exit_startup(str(exc))
         log.warning("%s; serving anyway and reconnecting on each call", exc)
-    log.info("Milvus: %s", store.uri)
+    log.info("Milvus: %s", milvus.uri)
+    store = Store(milvus)
     try:
         asyncio.run(run(config, store, credentials, tokens))
     finally:
         store.close()
+
+
+def _supervise(config: SearchConfig, argv: list[str]) -> int:
+    """--workers N: with Milvus Lite (a file one process opens), this
+    process serves it to the workers on its private socket while they run."""
+    lite = None
+    if not config.milvus_uri:
+        os.makedirs(config.data_dir, exist_ok=True)
+        try:
+            lite = PrivateLite(config.milvus_target)
+        except Exception as exc:  # noqa: BLE001 - milvus-lite raises what its storage raises
+            exit_startup(f"search: Milvus Lite cannot open {config.milvus_target}: "
+                         f"{type(exc).__name__}: {exc}")
+    try:
+        return workers.supervise(config, argv, lite.uri if lite else "")
+    finally:
+        if lite is not None:
+            lite.stop()
 
 
 if __name__ == "__main__":

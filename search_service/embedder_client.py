@@ -37,7 +37,7 @@ from imagesearch.channels import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
 from search_service.errors import (DeadlineExceeded, DependencyUnavailable, ModelMismatch,
                                    Overloaded, ServiceError)
-from search_service.store import ModelIdentity
+from search_service.domain import ModelIdentity
 from search_service.wire import field_one_header
 
 log = logging.getLogger(__name__)

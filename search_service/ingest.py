@@ -9,9 +9,11 @@
   ALREADY_PRESENT, so each new image gets exactly one INSERTED per process.
 - `SharedCalls`: the Milvus reads and writes of every stream of this
   process, coalesced (concurrent streams' batches go out as one call).
+- `batch_token`: which consistency token a batch answers with.
 - `IngestPipeline`: reads ahead (bounded in items and bytes), embeds batch
-  n+1 while batch n is written, and sends each batch's results as soon as
-  its write returns, in stream order.
+  n+1 while batch n is written, and yields each batch's outcomes (domain
+  `Stored`, which the servicer turns into messages) as soon as its write
+  returns, in stream order.
 """
 from __future__ import annotations
 
@@ -20,20 +22,19 @@ import collections
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator
 
 from prometheus_client import Counter
 
-from imagesearch.v1 import search_pb2
-from search_service import consistency, validation
+from search_service import validation
 from search_service.coalesce import Coalescer
+from search_service.domain import ModelIdentity, Outcome, Status, Stored
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import (CollectionNotFound, DeadlineExceeded, InvalidArgument,
                                    ModelMismatch, ServiceError)
-from search_service.store import MilvusStore, ModelIdentity, Row
+from search_service.store import Row, Store
 
 log = logging.getLogger(__name__)
-Result = search_pb2.IngestResult
 INGESTED = Counter("search_images_ingested_total",
                    "Ingest results, by status (inserted, already_present, failed)", ["status"])
 _END = object()  # end of the request stream
@@ -116,14 +117,12 @@ class InFlight:
 
 
 class SharedCalls:
-    """The existence reads and the writes (each with its consistency token)
-    of all ingest streams of this process. `milvus(fn, *args)` runs a
-    blocking store call off the event loop."""
+    """The existence reads and the writes of all ingest streams of this process."""
 
     MAX_IDS = 4096  # in one coalesced read, and rows in one coalesced write
 
-    def __init__(self, store: MilvusStore, milvus: Callable[..., Awaitable]) -> None:
-        self._store, self._milvus = store, milvus
+    def __init__(self, store: Store) -> None:
+        self._store = store
         self._reads = Coalescer(self._read, self.MAX_IDS)
         self._writes = Coalescer(self._write, self.MAX_IDS)
 
@@ -131,28 +130,30 @@ class SharedCalls:
         """Which of `ids` are stored (a Strong read)."""
         return await self._reads(collection, ids, len(ids))
 
-    async def write(self, collection: str, rows: list[Row], found: bool) -> str:
-        """Write `rows`; the consistency token of a read that sees them, and,
-        when `found`, the rows the batch's Strong read found stored."""
-        return await self._writes(collection, (rows, found), len(rows))
+    async def write(self, collection: str, rows: list[Row]) -> int:
+        """Write `rows`; the Milvus timestamp of the write that carried them (0: none)."""
+        return await self._writes(collection, rows, len(rows))
 
     async def _read(self, collection: str, id_lists: list[list[str]]) -> list[set[str]]:
         ids = list(dict.fromkeys(id_ for ids in id_lists for id_ in ids))
-        found = await self._milvus(self._store.existing_ids, collection, ids)
+        found = await self._store.existing_ids(collection, ids)
         return [found.intersection(ids) for ids in id_lists]
 
-    async def _write(self, collection: str, batches: list[tuple[list[Row], bool]]) -> list[str]:
-        def write_and_stamp() -> str:
-            stamp = self._store.write(collection, [row for rows, _ in batches for row in rows])
-            # The write's own timestamp covers its rows. Rows found stored
-            # were stamped by other writers, whose Milvus proxies may hand
-            # out timestamps from batches taken earlier: only one allocated
-            # after the write is sure to cover them too (and a write of no
-            # rows has none of its own).
-            if not stamp or any(found for _, found in batches):
-                stamp = self._store.timestamp()
-            return consistency.encode(stamp)
-        return [await self._milvus(write_and_stamp)] * len(batches)
+    async def _write(self, collection: str, row_lists: list[list[Row]]) -> list[int]:
+        stamp = await self._store.write(collection, [row for rows in row_lists for row in rows])
+        return [stamp] * len(row_lists)
+
+
+async def batch_token(store: Store, stamp: int, found: bool, follows_others: bool) -> bytes:
+    """The consistency token of an ingest batch whose write was stamped
+    `stamp`: that timestamp covers the rows the write carried. A fresh one,
+    taken now, is needed instead when
+    - there is none (no rows written, or Milvus sent none);
+    - the batch found images stored: other writers' rows, which a Milvus
+      proxy may have stamped from a batch of timestamps taken earlier;
+    - the batch follows another stream's write of the same image, which may
+      have ended after this one (the caller has awaited those writes)."""
+    return await store.token(0 if found or follows_others else stamp)
 
 
 class _ReadAhead:
@@ -202,7 +203,7 @@ class _Batch:
     """A batch between embedding and its acknowledgement."""
     items: list[Item]
     rows: list[Row]
-    results: dict[int, Result]
+    results: dict[int, Outcome]
     claims: dict[str, str]  # id -> "" or why it failed, for the ids this batch stores
     follow: list[tuple[Item, str, asyncio.Future]]
     follows_others: bool  # some follow another stream's write, which may end after this one's
@@ -217,13 +218,13 @@ class IngestSettings:
 
 
 class IngestPipeline:
-    """One Ingest stream. `milvus(fn, *args)` runs a blocking store call off the event loop."""
+    """One Ingest stream; `context` is its gRPC call's, passed on to the embedder (deadline, cancel)."""
 
-    def __init__(self, collection: str, store: MilvusStore, milvus: Callable[..., Awaitable],
-                 shared: SharedCalls, embedder: EmbedderClient, in_flight: InFlight,
-                 settings: IngestSettings, context) -> None:
+    def __init__(self, collection: str, store: Store, shared: SharedCalls,
+                 embedder: EmbedderClient, in_flight: InFlight, settings: IngestSettings,
+                 context) -> None:
         self._collection = collection
-        self._store, self._milvus, self._shared = store, milvus, shared
+        self._store, self._shared = store, shared
         self._embedder = embedder
         self._in_flight = in_flight
         self._batch_size, self._max_batch_bytes = settings.batch_size, settings.max_batch_bytes
@@ -231,11 +232,10 @@ class IngestPipeline:
         self._context = context
         self._model: ModelIdentity | None = None  # the collection's, once it exists
 
-    async def run(self, first: search_pb2.IngestRequest, rest: AsyncIterator
-                  ) -> AsyncIterator[search_pb2.IngestResponse]:
-        """The responses to a stream whose first message is `first`."""
+    async def run(self, first, rest: AsyncIterator) -> AsyncIterator[Stored]:
+        """The outcomes of a stream of IngestRequests whose first is `first`, batch by batch."""
         try:
-            self._model = await self._milvus(self._store.open, self._collection)
+            self._model = await self._store.open(self._collection)
         except CollectionNotFound:
             pass  # created for the embedder's model with the first batch
         queue = _ReadAhead(2 * self._batch_size, 2 * self._max_batch_bytes)
@@ -245,10 +245,10 @@ class IngestPipeline:
         del first  # the reader's now, to let go once its items are read
         worker = asyncio.create_task(self._work(queue, out, room, reader))
         try:
-            while (response := await out.get()) is not _END:
-                if isinstance(response, ServiceError):
-                    raise response
-                yield response  # returns once the transport took it (flow control)
+            while (stored := await out.get()) is not _END:
+                if isinstance(stored, ServiceError):
+                    raise stored
+                yield stored  # returns once the transport took its message (flow control)
                 room.release()
         finally:
             reader.cancel()
@@ -357,8 +357,8 @@ class IngestPipeline:
                   if (error := validation.item_error(item.image, item.uri, item.metadata))}
         busy = self._in_flight.busy(self._collection, ids)
         todo = plan(items, ids, errors, set(busy))
-        results = {item.index: Result(index=item.index, id=id_, uri=item.uri, status=Result.STATUS_FAILED,
-                                      error=todo.failed[item.index])
+        results = {item.index: Outcome(item.index, id_, item.uri, Status.FAILED,
+                                       todo.failed[item.index])
                    for item, id_ in zip(items, ids) if item.index in todo.failed}
         claimed = self._in_flight.claim(self._collection, list(todo.embed))
         follow = [(item, id_, busy.get(id_) or claimed[id_]) for item, id_ in todo.follow]
@@ -375,17 +375,14 @@ class IngestPipeline:
             for (id_, item), vector in zip(new, vectors):
                 if isinstance(vector, str):
                     claims[id_] = vector
-                    results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
-                                                 status=Result.STATUS_FAILED, error=vector)
+                    results[item.index] = Outcome(item.index, id_, item.uri, Status.FAILED, vector)
                 else:
                     rows.append(Row(id=id_, vector=vector, uri=item.uri,
                                     metadata=item.metadata))
-                    results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
-                                                 status=Result.STATUS_INSERTED)
+                    results[item.index] = Outcome(item.index, id_, item.uri, Status.INSERTED)
             for id_ in present:
                 item = todo.embed[id_]
-                results[item.index] = Result(index=item.index, id=id_, uri=item.uri,
-                                             status=Result.STATUS_ALREADY_PRESENT)
+                results[item.index] = Outcome(item.index, id_, item.uri, Status.ALREADY_PRESENT)
         except BaseException as exc:  # nothing of it will be written: waiters must not hang
             self._in_flight.settle(self._collection, dict.fromkeys(claimed, _why(exc)))
             raise
@@ -396,7 +393,7 @@ class IngestPipeline:
     async def _create(self, model: ModelIdentity) -> None:
         """Create the collection for the model of the first vectors. Another
         process may have created it first, for another model."""
-        built = await self._milvus(self._store.create, self._collection, model)
+        built = await self._store.create(self._collection, model)
         if not built.same(model):
             raise ModelMismatch(f"collection {self._collection!r} was just created by another "
                                 f"process for model {built}, but the embedder serves model "
@@ -405,19 +402,17 @@ class IngestPipeline:
 
     async def _store_batch(self, batch: _Batch, out: asyncio.Queue) -> None:
         try:
-            token = await self._shared.write(self._collection, batch.rows, batch.found)
+            stamp = await self._shared.write(self._collection, batch.rows)
         except BaseException as exc:
             self._in_flight.settle(self._collection, dict.fromkeys(batch.claims, _why(exc)))
             raise
         self._in_flight.settle(self._collection, batch.claims)
         for item, id_, write in batch.follow:  # a copy's fate is its first copy's
             error = await write
-            batch.results[item.index] = Result(
-                index=item.index, id=id_, uri=item.uri, error=error,
-                status=Result.STATUS_FAILED if error else Result.STATUS_ALREADY_PRESENT)
-        if batch.follows_others:  # this write's token may predate theirs
-            token = consistency.encode(await self._milvus(self._store.timestamp))
-        results = [batch.results[item.index] for item in batch.items]
-        for status, count in collections.Counter(result.status for result in results).items():
-            INGESTED.labels(Result.Status.Name(status).removeprefix("STATUS_").lower()).inc(count)
-        out.put_nowait(search_pb2.IngestResponse(results=results, consistency_token=token))
+            batch.results[item.index] = Outcome(
+                item.index, id_, item.uri, Status.FAILED if error else Status.ALREADY_PRESENT, error)
+        token = await batch_token(self._store, stamp, batch.found, batch.follows_others)
+        outcomes = [batch.results[item.index] for item in batch.items]
+        for status, count in collections.Counter(o.status for o in outcomes).items():
+            INGESTED.labels(status.name.lower()).inc(count)
+        out.put_nowait(Stored(outcomes, token))

@@ -1,33 +1,32 @@
-"""The imagesearch.v1.ImageSearchService gRPC servicer: validate, then delegate.
+"""The imagesearch.v1.ImageSearchService gRPC servicer: validate, delegate,
+and turn the domain's answers into messages (the only module that does).
 
-Checks live in validation.py, the ingest pipeline in ingest.py, Milvus in
-store.py and the embedder behind embedder_client.py. Milvus calls are
-blocking, so they run on a small pool of threads and never stall the event
-loop.
+Checks live in validation.py, the ingest pipeline in ingest.py, Milvus
+behind the awaited `store.Store`, and the embedder behind
+embedder_client.py.
 """
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import grpc
 
 from imagesearch.status import abort_bad_request
 from imagesearch.v1 import embedder_pb2, search_pb2, search_pb2_grpc
-from search_service import consistency, validation
+from search_service import validation
+from search_service.domain import MAX_JSON_BYTES, MAX_URI_LENGTH, ModelIdentity, Stored
 from search_service.embedder_client import EmbedderClient
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, InvalidArgument,
                                    OutOfRange, ServiceError)
 from search_service.ingest import InFlight, IngestPipeline, IngestSettings, SharedCalls
-from search_service.store import MAX_JSON_BYTES, MAX_URI_LENGTH, MilvusStore, ModelIdentity
+from search_service.store import Store
 
 log = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT_S = 2.0  # an embedder slower than this to answer a health check is down
-_MILVUS_THREADS = 8  # concurrent Milvus calls; a slow one does not hold up the rest
 # The largest hit a row can make (uri, metadata at Milvus's JSON limit, id,
 # score, framing), and hits whose rows are read at once when that many
 # could exceed a message.
@@ -56,11 +55,23 @@ async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
 
 def _model(identity: ModelIdentity) -> embedder_pb2.ModelIdentity:
     return embedder_pb2.ModelIdentity(name=identity.name, dim=identity.dim,
-                                                  fingerprint=identity.fingerprint)
+                                      fingerprint=identity.fingerprint)
+
+
+def _ingest_response(stored: Stored) -> search_pb2.IngestResponse:
+    return search_pb2.IngestResponse(consistency_token=stored.token, results=[
+        search_pb2.IngestResult(index=o.index, id=o.id, uri=o.uri, status=int(o.status),
+                                error=o.error) for o in stored.outcomes])
+
+
+def _hits(hits: list[dict]) -> list[tuple[search_pb2.Hit, int]]:
+    """Each hit's message, and what it adds to a response (its tag and length too)."""
+    made = [search_pb2.Hit(**hit) for hit in hits]
+    return [(hit, hit.ByteSize() + 8) for hit in made]
 
 
 class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
-    def __init__(self, store: MilvusStore, embedder: EmbedderClient, default_collection: str,
+    def __init__(self, store: Store, embedder: EmbedderClient, default_collection: str,
                  ingest: IngestSettings, max_message_bytes: int) -> None:
         self._store = store
         self._embedder = embedder
@@ -68,11 +79,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
         self._ingest = ingest
         self._max_message_bytes = max_message_bytes
         self._in_flight = InFlight()
-        self._milvus_thread = ThreadPoolExecutor(_MILVUS_THREADS, thread_name_prefix="milvus")
-        self._shared = SharedCalls(store, self._milvus)
-
-    async def _milvus(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._milvus_thread, fn, *args)
+        self._shared = SharedCalls(store)
 
     async def check_default_collection(self, retry_s: float = 5.0) -> None:
         """At start-up, create the default collection for the embedder's model
@@ -81,7 +88,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
         while True:
             try:
                 model = await self._embedder.model_info()
-                built = await self._milvus(self._store.create, self._default_collection, model)
+                built = await self._store.create(self._default_collection, model)
                 if not built.same(model):
                     log.error("default collection %r holds vectors of model %s, but the embedder "
                               "serves model %s: searches and ingests into it will fail with "
@@ -96,17 +103,12 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
                 return
             await asyncio.sleep(retry_s)
 
-    def close(self) -> None:
-        """Let in-flight Milvus calls finish, and start no more: Milvus Lite
-        runs inside this process and must not stop under a call."""
-        self._milvus_thread.shutdown(wait=True, cancel_futures=True)
-
     async def dependency_problems(self) -> dict[str, str]:
         """Why a dependency cannot serve now, by name ("embedder", "milvus");
         empty when both answer."""
         problems = {}
         for name, check in (("embedder", self._embedder.check(_PROBE_TIMEOUT_S)),
-                            ("milvus", self._milvus(self._store.ping))):
+                            ("milvus", self._store.ping())):
             try:
                 await check
             except ServiceError as exc:
@@ -120,7 +122,7 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
         query = validation.Query(request)
         collection = validation.collection(request.collection, self._default_collection)
         try:
-            model = await self._milvus(self._store.open, collection)
+            model = await self._store.open(collection)
         except CollectionNotFound:
             if collection != self._default_collection:
                 raise
@@ -128,39 +130,35 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             # embedder answers): empty, but only if the embedder answers too.
             await encode(None)
             return answer()
-        vector = await encode(model)
-        return await self._milvus(self._answer, collection, vector.tolist(), query, answer)
-
-    def _answer(self, collection: str, vector: list[float], query: validation.Query, answer):
-        """The search's response, built on a Milvus thread, never on the event
-        loop, and bounded before it is paid: when the hits asked for could
-        exceed one message at the largest rows Milvus stores, Milvus returns
-        ids and scores only, and their uris and metadata are read _ROWS_READ
-        at a time until they fit or OutOfRange says how many would."""
+        vector = (await encode(model)).tolist()
+        # Bounded before it is paid: when the hits asked for could exceed one
+        # message at the largest row Milvus stores, Milvus returns ids and
+        # scores only, and their rows are read _ROWS_READ at a time until
+        # they fit, or OutOfRange says how many would.
         budget = self._max_message_bytes - 1024
         whole = query.limit * _MAX_HIT_BYTES <= budget
-        hits = self._store.search(collection, vector, query.limit, query.offset, query.expr,
-                                  query.after, fields=whole)
+        hits = await self._store.search(collection, vector, query.limit, query.offset,
+                                        query.expr, query.after, fields=whole)
         next_offset = query.offset + query.top_k if len(hits) > query.top_k else 0
         hits = hits[:query.top_k]
         if query.min_score is not None:  # hits come best first
             hits = [hit for hit in hits if hit["score"] >= query.min_score]
-        if whole:
-            return answer(hits=[search_pb2.Hit(**hit) for hit in hits], next_offset=next_offset)
         response, size = answer(next_offset=next_offset), 0
-        for start in range(0, len(hits), _ROWS_READ):
-            part = hits[start:start + _ROWS_READ]
-            rows = self._store.rows(collection, [hit["id"] for hit in part], query.after)
-            for hit in part:
-                if (row := rows.get(hit["id"])) is None:
-                    continue  # deleted since the search
-                response.hits.append(search_pb2.Hit(**hit, **row))
-                size += response.hits[-1].ByteSize() + 8  # the field's tag and length
+        parts = [hits] if whole else [hits[i:i + _ROWS_READ] for i in range(0, len(hits), _ROWS_READ)]
+        for part in parts:
+            if not whole:
+                rows = await self._store.rows(collection, [hit["id"] for hit in part], query.after)
+                part = [{**hit, **rows[hit["id"]]} for hit in part if hit["id"] in rows]
+            # Messages are built and sized off the event loop: thousands of
+            # metadata entries take long enough to stall every other call.
+            for hit, hit_size in await asyncio.to_thread(_hits, part):
+                size += hit_size
                 if size > budget:
                     raise OutOfRange(
                         f"the {len(hits)} hits are over the {self._max_message_bytes}-byte "
-                        f"response limit: ask for fewer (a lower top_k), at most "
-                        f"{len(response.hits) - 1}, or page with offset")
+                        "response limit: ask for fewer (a lower top_k), at most "
+                        f"{len(response.hits)}, or page with offset")
+                response.hits.append(hit)
         return response
 
     @_answers_errors
@@ -186,18 +184,18 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
     async def Delete(self, request, context):
         ids = validation.delete_ids(list(request.ids))
         collection = validation.collection(request.collection, self._default_collection)
-        await self._milvus(self._store.open, collection)
-        deleted = await self._milvus(self._store.delete, collection, ids)
-        token = consistency.encode(await self._milvus(self._store.timestamp))
+        await self._store.open(collection)
+        deleted = await self._store.delete(collection, ids)
+        token = await self._store.token()  # a fresh one: after the delete
         return search_pb2.DeleteResponse(deleted=len(deleted), consistency_token=token,
                                          missing=[i for i in dict.fromkeys(ids) if i not in deleted])
 
     @_answers_errors
     async def GetStats(self, request, context):
         collection = validation.collection(request.collection, self._default_collection)
-        after = consistency.decode(request.consistency_token)
-        model = await self._milvus(self._store.open, collection)
-        count = await self._milvus(self._store.count, collection, after)
+        after = validation.read_after(request.consistency_token)
+        model = await self._store.open(collection)
+        count = await self._store.count(collection, after)
         return search_pb2.GetStatsResponse(collection=collection, count=count, model=_model(model))
 
     async def Ingest(self, request_iterator, context) -> AsyncIterator[search_pb2.IngestResponse]:
@@ -210,11 +208,10 @@ class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
             if first is None:
                 return  # an empty stream stores nothing
             collection = validation.collection(first.collection, self._default_collection)
-            responses = IngestPipeline(collection, self._store, self._milvus, self._shared,
-                                       self._embedder, self._in_flight, self._ingest,
-                                       context).run(first, requests)
+            batches = IngestPipeline(collection, self._store, self._shared, self._embedder,
+                                     self._in_flight, self._ingest, context).run(first, requests)
             del first  # the pipeline lets it go once its items are read
-            async for response in responses:
-                yield response
+            async for stored in batches:
+                yield _ingest_response(stored)
         except ServiceError as exc:
             await _abort(context, exc)

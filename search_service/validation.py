@@ -7,7 +7,7 @@ import re
 
 from search_service import consistency, filters
 from search_service.errors import InvalidArgument
-from search_service.store import MAX_JSON_BYTES, MAX_RESULT_WINDOW, MAX_URI_LENGTH
+from search_service.domain import MAX_JSON_BYTES, MAX_RESULT_WINDOW, MAX_URI_LENGTH
 
 MAX_TOP_K = 1024
 MAX_DELETE_IDS = 16384
@@ -47,9 +47,14 @@ class Query:
             raise InvalidArgument(f"min_score must be between -1 and 1, got {self.min_score}",
                                   "min_score")
         self.expr = filters.build(request.filter)
-        self.after = consistency.decode(request.consistency_token)
+        self.after = read_after(request.consistency_token)
         # One hit more than asked, where Milvus allows, says whether a next page exists.
         self.limit = self.top_k + (self.top_k + self.offset < MAX_RESULT_WINDOW)
+
+
+def read_after(token: bytes) -> int:
+    """The Milvus timestamp a read must see, from the caller's consistency token (0: none)."""
+    return consistency.decode(token)
 
 
 def delete_ids(ids: list[str]) -> list[str]:

@@ -30,7 +30,7 @@ The parent
   evenly connections spread);
 - with Milvus Lite (no `--milvus-uri`), opens the Lite file itself (a Lite
   file can be opened by one process only) and serves it on its private
-  Unix socket (lite.py); the workers connect to that socket. All Milvus
+  Unix socket (store/lite.py); the workers connect to that socket. All Milvus
   work then runs in the parent, so Lite caps what workers add: a Milvus
   server is the way to ingest at the speed of many workers.
 
@@ -288,25 +288,15 @@ def serve_metrics(port: int, host: str, directory: str, supervisor: Supervisor) 
     log.info("metrics of all workers on http://%s:%d/metrics", host, port)
 
 
-def supervise(config, argv: list[str]) -> int:
-    """Run `config.workers` (resolved) workers until SIGTERM; the exit status."""
+def supervise(config, argv: list[str], lite_uri: str = "") -> int:
+    """Run `config.workers` (resolved) workers until SIGTERM; the exit status.
+    `lite_uri`: where this process serves the Milvus Lite file to them."""
     from imagesearch.flags import exit_startup
 
     count = resolve(config.workers)
     if config.port == 0:
         exit_startup("search: --workers above 1 needs a fixed --port, not 0: each worker would "
                      "listen on a port of its own")
-    lite = None
-    lite_uri = ""
-    if not config.milvus_uri:
-        from search_service.lite import PrivateLite
-        os.makedirs(config.data_dir, exist_ok=True)
-        try:
-            lite = PrivateLite(config.milvus_target)
-        except Exception as exc:  # noqa: BLE001 - milvus-lite raises what its storage raises
-            exit_startup(f"search: Milvus Lite cannot open {config.milvus_target}: "
-                         f"{type(exc).__name__}: {exc}")
-        lite_uri = lite.uri
     with tempfile.TemporaryDirectory(prefix="search-metrics-") as metrics_dir:
         supervisor = Supervisor(count, [sys.executable, "-m", "search_service", *argv],
                                 config.grace_s, metrics_dir if config.metrics_port else None,
@@ -316,11 +306,6 @@ def supervise(config, argv: list[str]) -> int:
         log.info("search: %d workers on %s (--workers %d%s), Milvus %s", count, config.address,
                  config.workers, f": one per available core, {available_cores()}, at most "
                  f"{MAX_AUTO_WORKERS}" if config.workers == 0 else "",
-                 f"Lite {config.milvus_target}, served by this process" if lite else
+                 f"Lite {config.milvus_target}, served by this process" if lite_uri else
                  config.milvus_uri)
-        try:
-            status = supervisor.run()
-        finally:
-            if lite is not None:
-                lite.stop()
-    return status
+        return supervisor.run()

@@ -7,7 +7,7 @@ the Lite file to both workers), and on the Milvus server.
 Milvus Lite's write-ahead log takes no lock: two writes at once on two of
 its server threads interleave their records, and everything after the first
 torn record is dropped on recovery (docs/reliability.md). This test is what
-fails when any Lite write escapes the one writer (search_service/lite.py)."""
+fails when any Lite write escapes the one writer (search_service/store/lite.py)."""
 from __future__ import annotations
 
 import threading

@@ -19,7 +19,8 @@ from pymilvus import MilvusClient
 from imagesearch.client import EmbedderClient, IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
 from search_service.ingest import image_id
-from search_service.store import MilvusStore, ModelIdentity, Row
+from search_service.domain import ModelIdentity
+from search_service.store import MilvusStore, Row
 from tests.services import (ROOT, TEST_MODEL, Load, Service, eventually, free_port, photo,
                             start_embedder, start_search, status_of)
 

@@ -64,7 +64,8 @@ def test_collection_of_another_model_is_failed_precondition(tmp_path, embedder_s
     info = embedder.model_info()
     (tmp_path / "data").mkdir()
     # In a process of its own: Milvus Lite holds its file lock until exit.
-    create = (f"from search_service.store import MilvusStore, ModelIdentity\n"
+    create = ("from search_service.domain import ModelIdentity\n"
+              "from search_service.store import MilvusStore\n"
               f"MilvusStore({str(tmp_path / 'data' / 'milvus.db')!r}).create('images', "
               f"ModelIdentity('other/clip', '0123456789abcdef', {info.model.dim}))")
     subprocess.run([sys.executable, "-c", create], check=True, cwd=ROOT, timeout=120)

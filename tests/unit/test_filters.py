@@ -8,7 +8,7 @@ import pytest
 from imagesearch.v1 import search_pb2
 from search_service.errors import InvalidArgument
 from search_service.filters import _successor, build
-from search_service.store import Row, chunks
+from search_service.store.milvus import Row, chunks
 
 
 def flt(uri_prefix: str = "", **metadata: list[str]) -> search_pb2.Filter:

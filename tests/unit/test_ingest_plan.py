@@ -49,14 +49,15 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
     import numpy as np
 
     from imagesearch.v1 import search_pb2
+    from search_service.domain import ModelIdentity
     from search_service.errors import DependencyUnavailable
     from search_service.ingest import IngestPipeline, IngestSettings, SharedCalls, image_id
-    from search_service.store import ModelIdentity
+    from search_service.store import Store
 
     model = ModelIdentity("m", "f", 4)
     second_embedded = threading.Event()
 
-    class Store:
+    class Milvus:
         def open(self, name):
             return model
 
@@ -77,11 +78,10 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
             return [np.ones(4, np.float32)] * len(images), model
 
     async def run():
-        loop = asyncio.get_running_loop()
         registry = InFlight()
-        store, milvus = Store(), lambda fn, *a: loop.run_in_executor(None, fn, *a)
-        pipeline = IngestPipeline("c", store, milvus, SharedCalls(store, milvus), Embedder(),
-                                  registry, IngestSettings(1, 1 << 20, 60), None)
+        store = Store(Milvus())
+        pipeline = IngestPipeline("c", store, SharedCalls(store), Embedder(), registry,
+                                  IngestSettings(1, 1 << 20, 60), None)
         messages = [search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=b"a")]),
                     search_pb2.IngestRequest(items=[search_pb2.IngestItem(image=b"b")])]
 
@@ -95,17 +95,17 @@ def test_a_failed_write_frees_the_ids_of_the_batch_waiting_behind_it():
 
 
 def test_a_token_is_the_writes_own_stamp_only_for_writes_of_new_images_alone():
-    """A write of new images only answers with its own Milvus timestamp. One
-    that carries a batch whose images were found stored (rows of other
-    writers, which a Milvus proxy may have stamped from a batch of
-    timestamps taken earlier), or that writes nothing, takes a fresh one
-    after it. Milvus is a stand-in: a proxy's stale timestamp batch cannot be
-    caused on the one standalone server here."""
+    """A batch of new images only answers with its write's own Milvus
+    timestamp. One whose images were found stored (rows of other writers,
+    which a Milvus proxy may have stamped from a batch of timestamps taken
+    earlier), one that follows another stream's write, and one that wrote
+    nothing take a fresh one after it. Milvus is a stand-in: a proxy's stale
+    timestamp batch cannot be caused on the one standalone server here."""
     from search_service import consistency
-    from search_service.ingest import SharedCalls
-    from search_service.store import Row
+    from search_service.ingest import SharedCalls, batch_token
+    from search_service.store import Row, Store
 
-    class Store:
+    class Milvus:
         def __init__(self):
             self.stamps = iter(range(100, 200))
 
@@ -115,12 +115,13 @@ def test_a_token_is_the_writes_own_stamp_only_for_writes_of_new_images_alone():
         def timestamp(self):
             return next(self.stamps)
 
-    async def tokens(*batches):
-        loop = asyncio.get_running_loop()
-        shared = SharedCalls(Store(), lambda fn, *a: loop.run_in_executor(None, fn, *a))
-        return [consistency.decode(await shared.write("c", rows, found)) for rows, found in batches]
+    async def token(rows, found=False, follows_others=False):
+        store = Store(Milvus())
+        stamp = await SharedCalls(store).write("c", rows)
+        return consistency.decode(await batch_token(store, stamp, found, follows_others))
 
     row = Row("a" * 64, [1.0], "", {})
-    assert asyncio.run(tokens(([row], False))) == [100]  # one call: the write's
-    assert asyncio.run(tokens(([row], True))) == [101]  # the write's (100), then a fresh one
-    assert asyncio.run(tokens(([], False))) == [100]  # no write: a fresh one
+    assert asyncio.run(token([row])) == 100  # one call: the write's
+    assert asyncio.run(token([row], found=True)) == 101  # the write's (100), then a fresh one
+    assert asyncio.run(token([row], follows_others=True)) == 101
+    assert asyncio.run(token([])) == 100  # no write: a fresh one

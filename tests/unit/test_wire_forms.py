@@ -10,7 +10,7 @@ from pymilvus import DataType
 
 from imagesearch.v1 import embedder_pb2
 from search_service.embedder_client import _image_request
-from search_service.store import Row, _upsert_request
+from search_service.store.milvus import Row, _upsert_request
 
 
 def test_image_request_is_the_message_protobuf_would_send():

@@ -22,8 +22,8 @@ AUTOINDEX (an exact, flat search). Writes are cut into requests of at most
 The client connects lazily, on each call until a connection succeeds (and
 pymilvus reconnects an established client by itself), so the service
 starts, and recovers, without a restart while Milvus is down; each call is
-bounded by `timeout_s`. Calls are synchronous (pymilvus); the servicer runs
-them on worker threads.
+bounded by `timeout_s`. Calls are synchronous (pymilvus); the async facade
+(`store.Store`) runs them on its own threads.
 """
 from __future__ import annotations
 
@@ -43,9 +43,10 @@ from pymilvus.grpc_gen import milvus_pb2
 from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchException, ParamError,
                                  SchemaMismatchRetryableException)
 
+from search_service.domain import MAX_URI_LENGTH, ModelIdentity
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
                                    ServiceError, UnsupportedMilvus)
-from search_service.lite import PrivateLite
+from search_service.store.lite import PrivateLite
 from search_service.wire import field_one_header
 
 log = logging.getLogger(__name__)
@@ -53,38 +54,13 @@ MILVUS_CALLS = Histogram("search_milvus_call_seconds",
                          "Milvus call latency, by operation and outcome (ok, error)",
                          ["operation", "outcome"],
                          buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-# pymilvus logs a traceback for every failed call; the service reports each
-# failure itself, once, with the status the caller gets.
-logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-# Milvus Lite serves pymilvus from a gRPC server inside this process, the only
-# synchronous gRPC server here, and that logs an ERROR traceback for every
-# method it lacks (AllocTimestamp, which pymilvus asks while creating an
-# index); pymilvus copes, so it is noise.
-logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
-MAX_URI_LENGTH = 4096
-MAX_JSON_BYTES = 65536  # Milvus's limit for one JSON value: the most metadata a row can hold
-MAX_RESULT_WINDOW = 16384  # Milvus's limit on top_k + offset
 _MODEL_PROP = "imagesearch.model"
 _FINGERPRINT_PROP = "imagesearch.fingerprint"
 _STRONG = {"consistency_level": "Strong"}
 # Raised by pymilvus before any call when a request is malformed.
 _REQUEST_ERRORS = (ParamError, DataNotMatchException, DataTypeNotMatchException)
 _ROW_OVERHEAD = 128  # bytes per row beyond its fields, in the insert request
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    name: str
-    fingerprint: str
-    dim: int
-
-    def same(self, other: "ModelIdentity") -> bool:
-        """Whether both make the same vectors (names may differ for the same weights)."""
-        return (self.fingerprint, self.dim) == (other.fingerprint, other.dim)
-
-    def __str__(self) -> str:
-        return f"{self.name!r} ({self.dim}-d, fingerprint {self.fingerprint})"
 
 
 @dataclass(frozen=True)
@@ -166,6 +142,18 @@ def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
 
 
+def _quiet_libraries() -> None:
+    """pymilvus logs a traceback for every failed call; the service reports
+    each failure itself, once, with the status the caller gets. Milvus Lite
+    serves pymilvus from a gRPC server inside this process, the only
+    synchronous gRPC server here, and that logs an ERROR traceback for every
+    method it lacks (AllocTimestamp, which pymilvus asks while creating an
+    index); pymilvus copes, so it is noise. Done when a store is made, not
+    when this module is imported: importing it changes nothing."""
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+
+
 class MilvusStore:
     def __init__(self, uri: str, token: str = "", *, timeout_s: float = 10.0,
                  hnsw: HnswParams = HnswParams(), max_write_bytes: int = 16 << 20,
@@ -173,6 +161,7 @@ class MilvusStore:
         """`lite_server`: for a Milvus Lite `uri`, the address where another
         process (the parent of --workers) serves that file; empty: this
         process opens the file and serves it to itself."""
+        _quiet_libraries()
         self.uri = uri
         self._lite_server = lite_server
         self._token = token
