@@ -62,6 +62,11 @@ def _serve(db, address: str):
     from milvus_lite.adapter.grpc.servicer import MilvusServicer
     from pymilvus.grpc_gen import milvus_pb2_grpc
 
+    # The only synchronous gRPC server in the process, in the --workers
+    # parent too. It logs an ERROR traceback for every method milvus-lite
+    # lacks (AllocTimestamp, which pymilvus asks while creating an index);
+    # pymilvus copes, so it is noise.
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=_SERVER_THREADS),
                          options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)])

@@ -142,16 +142,11 @@ def is_lite(uri: str) -> bool:
     return uri.endswith(".db")
 
 
-def _quiet_libraries() -> None:
+def _quiet_pymilvus() -> None:
     """pymilvus logs a traceback for every failed call; the service reports
-    each failure itself, once, with the status the caller gets. Milvus Lite
-    serves pymilvus from a gRPC server inside this process, the only
-    synchronous gRPC server here, and that logs an ERROR traceback for every
-    method it lacks (AllocTimestamp, which pymilvus asks while creating an
-    index); pymilvus copes, so it is noise. Done when a store is made, not
-    when this module is imported: importing it changes nothing."""
+    each failure itself, once, with the status the caller gets. Done when a
+    store is made, not when this module is imported."""
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
-    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
 class MilvusStore:
@@ -161,7 +156,7 @@ class MilvusStore:
         """`lite_server`: for a Milvus Lite `uri`, the address where another
         process (the parent of --workers) serves that file; empty: this
         process opens the file and serves it to itself."""
-        _quiet_libraries()
+        _quiet_pymilvus()
         self.uri = uri
         self._lite_server = lite_server
         self._token = token
