@@ -18,6 +18,7 @@ from typing import Iterator
 import grpc
 from tqdm import tqdm
 
+from imagesearch import errors
 from imagesearch.client import (DEFAULT_SEARCH_SERVER, Hit, IngestItem, IngestResult, SearchClient,
                                 Security)
 from imagesearch.grid import write_grid
@@ -92,8 +93,8 @@ def cmd_ingest(client: SearchClient, args: argparse.Namespace) -> int:
                     failures.append((result.uri, result.error))
                 if args.json:  # a line per result as it comes, even into a pipe
                     print(json.dumps({"index": result.index, "id": result.id, "uri": result.uri,
-                                      "status": IngestResult.Status.Name(result.status)
-                                      .removeprefix("STATUS_").lower(), "error": result.error}),
+                                      "status": result.status.name.lower(),
+                                      "error": result.error}),
                           flush=True)
                 bar.update(sum(counts.values()) + len(unsent) - bar.n)
     except KeyboardInterrupt:
@@ -295,21 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hint(code: grpc.StatusCode, details: str, server: str) -> str:
-    """Who failed, and the one next step to try."""
-    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("embedder at"):
+def _hint(error: errors.ImageSearchError, server: str) -> str:
+    """Who failed, and the one next step to try: by the error's type (its
+    status code and reason), never by the words of its message."""
+    if isinstance(error, errors.EmbedderUnavailable):
         return (f"the search service at {server} works, but its embedder does not answer: start "
                 "the embedder, or check the search service's --embedder")
-    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("Milvus at"):
+    if isinstance(error, errors.MilvusUnavailable):
         return (f"the search service at {server} works, but Milvus does not answer: start Milvus, "
                 "or check the search service's --milvus-uri")
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if isinstance(error, errors.Unavailable):
         return (f"no search service answers at {server}: start one, or pass --server HOST:PORT "
                 "(and --tls-ca if it serves TLS)")
-    if code == grpc.StatusCode.UNIMPLEMENTED:
+    if isinstance(error, errors.Unimplemented):
         return (f"the server at {server} is not a search service (the embedder's port?): the "
                 f"search service listens on {DEFAULT_SEARCH_SERVER.rsplit(':', 1)[1]} by default")
-    if code == grpc.StatusCode.UNAUTHENTICATED:
+    if isinstance(error, errors.Unauthenticated):
         return "set IMGSEARCH_TOKEN or pass --token-file"
     return ""
 
@@ -355,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 _save_token(session, client.consistency_token)
     except grpc.RpcError as exc:
-        details = exc.details() or ""
-        print(f"error: {exc.code().name}: {printable(details)}", file=sys.stderr)
-        hint = _hint(exc.code(), details, args.server)
+        error = errors.from_rpc_error(exc)
+        print(f"error: {error.status.name}: {printable(error.message)}", file=sys.stderr)
+        hint = _hint(error, args.server)
         if hint:
             print(hint, file=sys.stderr)
         return 1

@@ -5,7 +5,10 @@
         for hit in client.search_text("a white dog", top_k=10):
             print(hit.score, hit.uri)
 
-Failures raise `grpc.RpcError`; `.code()` and `.details()` say what and why.
+Every call returns typed results (dataclasses), and a failure raises an
+`imagesearch.errors.ImageSearchError` subclass chosen by status code and
+reason (`EmbedderUnavailable`, `ModelMismatch`, `InvalidArgument` with its
+`field_violations`, ...); each is a `grpc.RpcError` too.
 
 A SearchClient reads its own writes: it keeps the consistency token of the
 newest Ingest or Delete it made and passes it with every search and stats
@@ -15,12 +18,14 @@ given their token (`consistency_token=`).
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
+from typing import ClassVar, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
 
+from imagesearch.errors import from_rpc_error
 from imagesearch.security import bearer, channel_credentials
 from imagesearch.channels import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
@@ -28,8 +33,68 @@ from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_p
 DEFAULT_SEARCH_SERVER = "localhost:50052"
 DEFAULT_EMBEDDER_SERVER = "localhost:50051"
 
-IngestResult = search_pb2.IngestResult
 _ITEMS_PER_MESSAGE = 32  # images sent in one Ingest message: one receive, not 32
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model made a collection's vectors: name, weights fingerprint, dimension."""
+    name: str
+    fingerprint: str
+    dim: int
+
+    @classmethod
+    def of(cls, message) -> "ModelIdentity":
+        return cls(name=message.name, fingerprint=message.fingerprint, dim=message.dim)
+
+
+class IngestStatus(enum.IntEnum):
+    INSERTED = 1  # newly stored
+    ALREADY_PRESENT = 2  # the same bytes were stored before; nothing changed
+    FAILED = 3  # not stored: `error` says why
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """One item's outcome; INSERTED and ALREADY_PRESENT acknowledge it."""
+    index: int  # position in the stream, from 0
+    id: str  # SHA-256 hex of the image bytes ("" for an empty image)
+    uri: str
+    status: IngestStatus
+    error: str = ""
+    STATUS_INSERTED: ClassVar[IngestStatus] = IngestStatus.INSERTED
+    STATUS_ALREADY_PRESENT: ClassVar[IngestStatus] = IngestStatus.ALREADY_PRESENT
+    STATUS_FAILED: ClassVar[IngestStatus] = IngestStatus.FAILED
+
+
+@dataclass(frozen=True)
+class Deleted:
+    deleted: int  # how many of the ids were present and are now removed
+    missing: list[str]  # ids that were not in the collection
+    consistency_token: bytes
+
+
+@dataclass(frozen=True)
+class Stats:
+    collection: str
+    count: int  # images stored
+    model: ModelIdentity
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch_items: int  # items in one request
+    max_request_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: ModelIdentity
+    device: str
+    dtype: str
+    max_text_tokens: int
+    limits: Limits
 
 
 class Hits(list):
@@ -99,7 +164,13 @@ class _Client:
         security = security or Security()
         self._channel = security.channel(server, channel_options(max_message_mb << 20))
         self._metadata = bearer(security.token)
-        self._call = {"timeout": timeout_s, "metadata": self._metadata}  # every unary call's options
+
+    def _unary(self, method, request):
+        """`method(request)` with this client's deadline and token; a failure typed."""
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
 
     def close(self) -> None:
         self._channel.close()
@@ -142,7 +213,7 @@ class SearchClient(_Client):
             yield request
 
     def ingest(self, items: Iterable[IngestItem], collection: str = "",
-               timeout_s: float | None = None) -> Iterator[search_pb2.IngestResult]:
+               timeout_s: float | None = None) -> Iterator[IngestResult]:
         """Stream items in; yield one result per item as the server stores them.
         `timeout_s` bounds the whole stream (default: none)."""
         call = self._stub.Ingest(self._messages(items, collection), timeout=timeout_s,
@@ -150,7 +221,10 @@ class SearchClient(_Client):
         try:
             for response in call:
                 self._seen(response.consistency_token)
-                yield from response.results
+                for r in response.results:
+                    yield IngestResult(r.index, r.id, r.uri, IngestStatus(r.status), r.error)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
         finally:  # the caller stopped early (Ctrl-C, break): end the stream now
             call.cancel()
 
@@ -166,7 +240,7 @@ class SearchClient(_Client):
         request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection,
                                                  consistency_token=self.consistency_token,
                                                  **search_options(**options))
-        return self._hits(self._stub.SearchByText(request, **self._call))
+        return self._hits(self._unary(self._stub.SearchByText, request))
 
     def search_image(self, image: bytes, top_k: int = 10, collection: str = "",
                      **options) -> Hits:
@@ -174,17 +248,18 @@ class SearchClient(_Client):
         request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection,
                                                   consistency_token=self.consistency_token,
                                                   **search_options(**options))
-        return self._hits(self._stub.SearchByImage(request, **self._call))
+        return self._hits(self._unary(self._stub.SearchByImage, request))
 
-    def delete(self, ids: list[str], collection: str = "") -> search_pb2.DeleteResponse:
-        response = self._stub.Delete(search_pb2.DeleteRequest(ids=ids, collection=collection),
-                                     **self._call)
+    def delete(self, ids: list[str], collection: str = "") -> Deleted:
+        response = self._unary(self._stub.Delete,
+                               search_pb2.DeleteRequest(ids=ids, collection=collection))
         self._seen(response.consistency_token)
-        return response
+        return Deleted(response.deleted, list(response.missing), response.consistency_token)
 
-    def stats(self, collection: str = "") -> search_pb2.GetStatsResponse:
-        return self._stub.GetStats(search_pb2.GetStatsRequest(
-            collection=collection, consistency_token=self.consistency_token), **self._call)
+    def stats(self, collection: str = "") -> Stats:
+        response = self._unary(self._stub.GetStats, search_pb2.GetStatsRequest(
+            collection=collection, consistency_token=self.consistency_token))
+        return Stats(response.collection, response.count, ModelIdentity.of(response.model))
 
 
 class EmbedderClient(_Client):
@@ -200,12 +275,15 @@ class EmbedderClient(_Client):
         return np.stack([np.frombuffer(e.vector, dtype="<f4") for e in response.embeddings])
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return self._matrix(self._stub.EncodeText(embedder_pb2.EncodeTextRequest(texts=texts),
-                                                  **self._call))
+        return self._matrix(self._unary(self._stub.EncodeText,
+                                        embedder_pb2.EncodeTextRequest(texts=texts)))
 
     def encode_images(self, images: list[bytes]) -> np.ndarray:
-        return self._matrix(self._stub.EncodeImage(embedder_pb2.EncodeImageRequest(images=images),
-                                                   **self._call))
+        return self._matrix(self._unary(self._stub.EncodeImage,
+                                        embedder_pb2.EncodeImageRequest(images=images)))
 
-    def model_info(self) -> embedder_pb2.GetModelInfoResponse:
-        return self._stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), **self._call)
+    def model_info(self) -> ModelInfo:
+        info = self._unary(self._stub.GetModelInfo, embedder_pb2.GetModelInfoRequest())
+        return ModelInfo(ModelIdentity.of(info.model), info.device, info.dtype, info.max_text_tokens,
+                         Limits(info.limits.max_batch_items, info.limits.max_request_bytes,
+                                info.limits.max_image_pixels))

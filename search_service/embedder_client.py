@@ -35,7 +35,7 @@ from imagesearch import tracing
 from imagesearch.observability import outgoing_metadata
 from imagesearch.channels import channel_options
 from imagesearch.v1 import embedder_pb2, embedder_pb2_grpc
-from search_service.errors import (DeadlineExceeded, DependencyUnavailable, ModelMismatch,
+from search_service.errors import (DeadlineExceeded, EmbedderUnavailable, ModelMismatch,
                                    Overloaded, ServiceError)
 from search_service.domain import ModelIdentity
 from search_service.wire import field_one_header
@@ -146,7 +146,7 @@ class EmbedderClient:
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
             # CANCELLED here came from the embedder (a replica going away):
             # a caller's own cancel ends the call before any answer is read.
-            return DependencyUnavailable(f"embedder at {self._target} is unavailable: "
+            return EmbedderUnavailable(f"embedder at {self._target} is unavailable: "
                                          f"{code.name}: {details}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(f"embedder at {self._target} did not answer in time")
@@ -171,7 +171,7 @@ class EmbedderClient:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout == self._timeout_s:
                 # Our own limit ran out, not the caller's deadline: the
                 # embedder is too slow or unreachable, and a retry may help.
-                raise DependencyUnavailable(f"embedder at {self._target} did not answer "
+                raise EmbedderUnavailable(f"embedder at {self._target} did not answer "
                                             f"within {self._timeout_s:g} s") from exc
             raise self._error(exc) from exc
         finally:
@@ -280,14 +280,14 @@ class EmbedderClient:
         return results, expect
 
     async def check(self, timeout_s: float) -> None:
-        """Raise DependencyUnavailable unless an embedder says it is SERVING."""
+        """Raise EmbedderUnavailable unless an embedder says it is SERVING."""
         try:
             response = await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            raise DependencyUnavailable(f"embedder at {self._target} is unavailable: "
+            raise EmbedderUnavailable(f"embedder at {self._target} is unavailable: "
                                         f"{exc.code().name}: {exc.details()}") from exc
         if response.status != health_pb2.HealthCheckResponse.SERVING:
-            raise DependencyUnavailable(f"embedder at {self._target} is not serving")
+            raise EmbedderUnavailable(f"embedder at {self._target} is not serving")
 
     async def close(self) -> None:
         await self._channel.close()

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 
 import grpc
 
-from imagesearch.status import abort_bad_request
+from imagesearch.status import abort_with
 from imagesearch.v1 import embedder_pb2, search_pb2, search_pb2_grpc
 from search_service import validation
 from search_service.domain import MAX_JSON_BYTES, MAX_URI_LENGTH, ModelIdentity, Stored
@@ -46,11 +46,10 @@ def _answers_errors(method):
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
-    """End the call with the status of `exc`; a mistake in a named field also
-    comes as a google.rpc.BadRequest detail."""
-    if isinstance(exc, InvalidArgument) and exc.field:
-        await abort_bad_request(context, str(exc), [(exc.field, str(exc))])
-    await context.abort(exc.code, str(exc))
+    """End the call with the status of `exc` and its reason (ErrorInfo); a
+    mistake in a named field also comes as a google.rpc.BadRequest detail."""
+    field = exc.field if isinstance(exc, InvalidArgument) else ""
+    await abort_with(context, exc.code, str(exc), exc.reason, [(field, str(exc))] if field else [])
 
 
 def _model(identity: ModelIdentity) -> embedder_pb2.ModelIdentity:

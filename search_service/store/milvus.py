@@ -44,7 +44,7 @@ from pymilvus.exceptions import (DataNotMatchException, DataTypeNotMatchExceptio
                                  SchemaMismatchRetryableException)
 
 from search_service.domain import MAX_URI_LENGTH, ModelIdentity
-from search_service.errors import (CollectionNotFound, DependencyUnavailable, ModelMismatch,
+from search_service.errors import (CollectionNotFound, MilvusUnavailable, ModelMismatch,
                                    ServiceError, UnsupportedMilvus)
 from search_service.store.lite import PrivateLite
 from search_service.wire import field_one_header
@@ -187,7 +187,7 @@ class MilvusStore:
                         log.info("Milvus server %s at %s", version, self.uri)
                     self._client = client
                 except (MilvusException, OSError) as exc:
-                    raise DependencyUnavailable(
+                    raise MilvusUnavailable(
                         f"Milvus at {self.uri} is unavailable (connect): {_message(exc)}; "
                         "retry with backoff") from exc
             return self._client
@@ -196,7 +196,7 @@ class MilvusStore:
         try:
             return PrivateLite(self.uri)
         except Exception as exc:  # noqa: BLE001 - milvus-lite raises what its storage raises
-            raise DependencyUnavailable(f"Milvus Lite cannot open {self.uri}: "
+            raise MilvusUnavailable(f"Milvus Lite cannot open {self.uri}: "
                                         f"{type(exc).__name__}: {exc}") from exc
 
     def _error(self, action: str, exc: Exception) -> ServiceError:
@@ -208,7 +208,7 @@ class MilvusStore:
         self._schemas.clear()
         if isinstance(exc, _REQUEST_ERRORS) or getattr(exc, "is_input_error", False):
             return ServiceError(f"Milvus refused to {action}: {_message(exc)}")
-        return DependencyUnavailable(f"Milvus at {self.uri} is unavailable ({action}): "
+        return MilvusUnavailable(f"Milvus at {self.uri} is unavailable ({action}): "
                                      f"{_message(exc)}; retry with backoff")
 
     def _call(self, action: str, method: str, *args, handler: bool = False, **kwargs):
@@ -338,7 +338,7 @@ class MilvusStore:
                     raise
                 # Not retried here: the collection may now be another model's,
                 # which only a new open() checks. The caller's retry does that.
-                raise DependencyUnavailable(
+                raise MilvusUnavailable(
                     f"collection {name!r} changed while being written (dropped and made "
                     "again?): these rows were not written; retry") from exc
         log.debug("wrote %d rows to %r in %d requests", len(rows), name, len(parts))
@@ -396,7 +396,7 @@ class MilvusStore:
         return int(rows[0]["count(*)"])
 
     def ping(self) -> None:
-        """Raise DependencyUnavailable unless Milvus answers."""
+        """Raise MilvusUnavailable unless Milvus answers."""
         self._call("answer a health check", "list_collections")
 
     def close(self) -> None:

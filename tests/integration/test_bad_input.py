@@ -65,8 +65,10 @@ def field_violations(error: grpc.RpcError) -> dict[str, str]:
     in it repeats the message."""
     status = status_pb2.Status.FromString(dict(error.trailing_metadata())["grpc-status-details-bin"])
     assert (status.code, status.message) == (grpc.StatusCode.INVALID_ARGUMENT.value[0], error.details())
-    request = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(request)
+    request, info = error_details_pb2.BadRequest(), error_details_pb2.ErrorInfo()
+    assert [detail.Unpack(request) for detail in status.details].count(True) == 1
+    assert any(detail.Unpack(info) for detail in status.details)  # and the reason, for programs
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "imagesearch")
     return {v.field: v.description for v in request.field_violations}
 
 
@@ -181,8 +183,8 @@ def test_bad_ingest_items_fail_alone(search):
     results = list(search.ingest(items, collection="bad_ingest"))
     assert [r.index for r in results] == list(range(len(items)))
     assert [r.uri for r in results] == [i.uri for i in items]
-    assert [IngestResult.Status.Name(r.status) for r in results] == [
-        "STATUS_INSERTED", "STATUS_FAILED", "STATUS_FAILED", "STATUS_INSERTED", "STATUS_ALREADY_PRESENT", "STATUS_FAILED", "STATUS_INSERTED"]
+    assert [r.status.name for r in results] == [
+        "INSERTED", "FAILED", "FAILED", "INSERTED", "ALREADY_PRESENT", "FAILED", "INSERTED"]
     assert results[2].error == "empty image bytes"
     assert results[1].error and results[5].error
     assert search.stats("bad_ingest").count == 3

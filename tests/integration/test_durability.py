@@ -12,6 +12,7 @@ import time
 import grpc
 import pytest
 
+from imagesearch import errors
 from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.synthetic import generate
 from tests.services import SearchLoad, eventually, photo, start_search, status_of
@@ -63,6 +64,8 @@ def test_milvus_killed_then_restarted(milvus_server, embedder_service, images, t
                     assert time.monotonic() - started < DOWN_BUDGET_S, name
                     assert error.code() == grpc.StatusCode.UNAVAILABLE, (name, error.details())
                     assert f"Milvus at {milvus_server.uri} is unavailable" in error.details(), name
+                    # Typed by the reason the server sends, not by these words.
+                    assert isinstance(error, errors.MilvusUnavailable), (name, type(error))
                 assert service.process.poll() is None
 
                 restarted = time.monotonic()

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from imagesearch.client import IngestItem, SearchClient
+from imagesearch.client import IngestItem, IngestResult, SearchClient
 from imagesearch.health import status
 from tests.services import ROOT, eventually, metric, photo, scrape, start_search
 
@@ -69,7 +69,7 @@ def test_two_workers_serve_ingest_and_search_on_one_port(two_workers):
 
     with SearchClient(two_workers.address, timeout_s=60) as client:
         results = list(client.ingest(images(0, 12)))
-        assert [r.status for r in results] == [1] * 12  # STATUS_INSERTED
+        assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 12
         assert client.stats().count == 12
         assert len(client.search_text("a photo", top_k=5)) == 5
 

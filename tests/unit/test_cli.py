@@ -5,15 +5,19 @@ import subprocess
 import sys
 import tomllib
 
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
-from imagesearch.cli import find_images
+from imagesearch import errors
+from imagesearch.cli import _hint, find_images
 from imagesearch.grid import write_grid
 from tests.services import ROOT
 
 
 SERVER_ONLY = ("torch", "transformers", "pymilvus", "milvus_lite", "prometheus_client",
-               "grpc_reflection", "google.rpc")
+               "grpc_reflection")
 
 
 def _without_server_packages(code: str) -> subprocess.CompletedProcess:
@@ -26,11 +30,12 @@ def _without_server_packages(code: str) -> subprocess.CompletedProcess:
 def test_client_needs_no_server_package():
     """The base install (client, CLI) needs neither torch nor Milvus nor the
     server runtime: importing the client registers no Prometheus metrics in
-    the caller's own registry."""
+    the caller's own registry. (It reads google.rpc error details, for its
+    typed errors: googleapis-common-protos is a client dependency.)"""
     base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split(">")[0].split("=")[0].split("<")[0] for d in base}
     assert not names & {"torch", "transformers", "pymilvus", "prometheus-client",
-                        "grpcio-reflection", "googleapis-common-protos"}, names
+                        "grpcio-reflection"}, names
     run = _without_server_packages("import imagesearch.cli as cli, imagesearch.client; "
                                    "sys.exit(cli.main(['health', '127.0.0.1:1']))")
     assert run.returncode == 1 and run.stdout.strip() == "UNREACHABLE", run.stderr
@@ -61,3 +66,59 @@ def test_grid_layout_and_unreadable_uris(tmp_path):
         assert grid.getpixel((75, 75)) == (255, 0, 0)
         assert grid.getpixel((150 + 75, 150 + 75)) != (255, 0, 0)  # the placeholder cell
         assert grid.getpixel((3 * 150 + 75, 150 + 75)) == (255, 255, 255)  # empty cell
+
+
+class _Failed(grpc.RpcError):
+    """A failed call as grpc gives it: for the mapping alone (no server can
+    send an arbitrary message with a given reason on demand)."""
+
+    def __init__(self, code, message, *details):
+        self._code, self._message = code, message
+        status = status_pb2.Status(code=code.value[0], message=message)
+        for detail in details:
+            status.details.add().Pack(detail)
+        self._trailing = (("grpc-status-details-bin", status.SerializeToString()),) if details else ()
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._message
+
+    def trailing_metadata(self):
+        return self._trailing
+
+
+def _info(reason):
+    return error_details_pb2.ErrorInfo(reason=reason, domain="imagesearch")
+
+
+@pytest.mark.parametrize("reason, kind, hint", [
+    ("EMBEDDER_UNAVAILABLE", errors.EmbedderUnavailable, "its embedder does not answer"),
+    ("MILVUS_UNAVAILABLE", errors.MilvusUnavailable, "Milvus does not answer"),
+    ("", errors.Unavailable, "no search service answers"),
+])
+def test_errors_and_hints_follow_code_and_reason_not_wording(reason, kind, hint):
+    """The CLI picked its hints by the first words of the servers' messages.
+    Now the error's type comes from the status code and the ErrorInfo
+    reason: reworded messages keep their hints."""
+    details = [_info(reason)] if reason else []
+    for words in ("embedder at h:1 is unavailable: ...", "Milvus at x is unavailable", "reworded"):
+        error = errors.from_rpc_error(_Failed(grpc.StatusCode.UNAVAILABLE, words, *details))
+        assert type(error) is kind and error.reason == reason and error.details() == words
+        assert hint in _hint(error, "h:2")
+
+
+def test_field_violations_and_model_mismatch_are_typed():
+    bad = error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field="top_k", description="too big")])
+    error = errors.from_rpc_error(_Failed(grpc.StatusCode.INVALID_ARGUMENT, "x",
+                                          _info("INVALID_ARGUMENT"), bad))
+    assert isinstance(error, errors.InvalidArgument) and error.field_violations == (("top_k", "too big"),)
+    error = errors.from_rpc_error(_Failed(grpc.StatusCode.FAILED_PRECONDITION, "x",
+                                          _info("MODEL_MISMATCH")))
+    assert isinstance(error, errors.ModelMismatch) and isinstance(error, errors.FailedPrecondition)
+    assert isinstance(error, grpc.RpcError) and error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    other = error_details_pb2.ErrorInfo(reason="MODEL_MISMATCH", domain="example.com")
+    assert type(errors.from_rpc_error(_Failed(grpc.StatusCode.FAILED_PRECONDITION, "x", other))) \
+        is errors.FailedPrecondition  # another domain's reasons are not ours
