@@ -5,7 +5,9 @@ Talks to the search service over gRPC; needs neither torch nor Milvus.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -134,11 +136,15 @@ def _why_empty(client: SearchClient, args: argparse.Namespace, options: dict, se
         return f"no hits: {name} is empty: ingest images first (imgsearch ingest FOLDER)"
     if args.offset >= count:
         return f"no hits: --offset {args.offset} is past the {count} images of {name}"
-    if options["where"] or options["uri_prefix"]:
-        return f"no hits: none of the {count} images of {name} matches the filter"
+    filtered = bool(options["where"] or options["uri_prefix"])
     best = search(1, {**options, "min_score": None, "offset": 0})
-    return (f"no hits: the best score is {best[0].score:.4f}, below --min-score "
-            f"{args.min_score}" if best else f"no hits among the {count} images of {name}")
+    if filtered and not best:
+        return f"no hits: none of the {count} images of {name} matches the filter"
+    if best and args.min_score is not None:  # the filter matched: the threshold removed them
+        among = " among the images that match the filter" if filtered else ""
+        return (f"no hits: the best score{among} is {best[0].score:.4f}, below --min-score "
+                f"{args.min_score}")
+    return f"no hits among the {count} images of {name}"
 
 
 def _local_prefix(prefix: str) -> str:
@@ -149,7 +155,22 @@ def _local_prefix(prefix: str) -> str:
     return str(Path(prefix).resolve()) + ("/" if prefix.endswith("/") else "")
 
 
+def _read_image(path: str) -> bytes | None:
+    """The bytes of --image PATH, or None after saying why there are none."""
+    image = Path(path)
+    if image.is_dir():
+        print(f"error: --image {path} is a folder: give one image file (search takes one "
+              "query image; `imgsearch ingest` takes folders)", file=sys.stderr)
+        return None
+    try:
+        return image.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read --image {path}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
 def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
+    args.query = " ".join(args.query) or None  # unquoted words are one query
     if (args.query is None) == (args.image is None):
         print("error: give either a text query or --image PATH", file=sys.stderr)
         return 2
@@ -162,7 +183,9 @@ def cmd_search(client: SearchClient, args: argparse.Namespace) -> int:
         where.setdefault(key, []).append(value)
     options = dict(where=where, uri_prefix=_local_prefix(args.uri_prefix), offset=args.offset,
                    min_score=args.min_score)
-    image = Path(args.image).read_bytes() if args.image is not None else None
+    image = None
+    if args.image is not None and (image := _read_image(args.image)) is None:
+        return 2
 
     def search(k: int, opts: dict):
         if image is not None:
@@ -222,8 +245,9 @@ def _global_flags(parser: argparse.ArgumentParser, after_command: bool) -> None:
         return argparse.SUPPRESS if after_command else value
     parser.add_argument("--server", default=default(os.environ.get("IMGSEARCH_SERVER",
                                                                    DEFAULT_SEARCH_SERVER)),
-                        help="search service HOST:PORT (env IMGSEARCH_SERVER; default "
-                             f"{DEFAULT_SEARCH_SERVER})")
+                        help="search service HOST[:PORT] (env IMGSEARCH_SERVER; default "
+                             f"{DEFAULT_SEARCH_SERVER}; port {DEFAULT_SEARCH_SERVER.rsplit(':', 1)[1]} "
+                             "when left out)")
     parser.add_argument("--collection", default=default(""),
                         help="collection to use (default: the server's default)")
     parser.add_argument("--timeout", type=float, default=default(60.0),
@@ -239,26 +263,65 @@ def _global_flags(parser: argparse.ArgumentParser, after_command: bool) -> None:
                              "(never on the command line)")
 
 
+_EXAMPLES = {
+    "ingest": """examples:
+  imgsearch ingest ~/photos                      every image under ~/photos, recursively
+  imgsearch ingest a.jpg b.png --collection pets --json""",
+    "search": """examples:
+  imgsearch search a white dog                   quotes are optional
+  imgsearch search a white dog -k 10 --grid dogs.png
+  imgsearch search --image query.jpg --filter label=dogs --min-score 0.2""",
+    "stats": """example:
+  imgsearch stats --collection pets""",
+    "delete": """example:
+  imgsearch delete ID [ID ...]                   the 64-hex ids that search and ingest --json print""",
+    "health": """examples:
+  imgsearch health                               the search service at --server
+  imgsearch health localhost:50051 --wait 30     the embedder, waiting up to 30 s""",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("imagesearch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _command(sub, name: str, summary: str, run) -> argparse.ArgumentParser:
+    """A subcommand: its own arguments first (added by the caller), then the
+    connection flags (`_connection`), then examples."""
+    parser = sub.add_parser(name, help=summary, description=summary, epilog=_EXAMPLES[name],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _connection(parser: argparse.ArgumentParser) -> None:
+    _global_flags(parser.add_argument_group("connection (also accepted before the command)"),
+                  after_command=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgsearch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"imgsearch {_version()}")
     _global_flags(parser, after_command=False)
-    common = argparse.ArgumentParser(add_help=False)
-    _global_flags(common, after_command=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", parents=[common],
-                            help="add image files, and every image under folders, recursively")
+    ingest = _command(sub, "ingest", "add image files, and every image under folders, recursively",
+                      cmd_ingest)
     ingest.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders to walk")
     ingest.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     ingest.add_argument("--json", action="store_true",
                         help="print one JSON object per image: index, id, uri, status, error")
-    ingest.set_defaults(run=cmd_ingest)
 
-    search = sub.add_parser("search", parents=[common],
-                            help="nearest images to a text, or to an image with --image")
-    search.add_argument("query", nargs="?", help='text to search for, e.g. "a white dog"')
+    search = _command(sub, "search", "nearest images to a text, or to an image with --image",
+                      cmd_search)
+    search.add_argument("query", nargs="*", help='text to search for, e.g. a white dog (quotes '
+                        'optional)')
     search.add_argument("--image", help="search by this image file instead of a text")
-    search.add_argument("-k", type=int, default=10, help="number of hits (default %(default)s)")
+    search.add_argument("-k", "--top-k", dest="k", type=int, default=10,
+                        help="number of hits (default %(default)s)")
     search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                         help="only images whose metadata KEY equals VALUE; repeat a key to "
                              "accept any of several values, repeat keys to require all "
@@ -276,24 +339,45 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the hits as a grid of 150x150 thumbnails, 5 per row")
     search.add_argument("--no-labels", action="store_true",
                         help="grid tiles without their rank and score (the tutorial's plain grid)")
-    search.set_defaults(run=cmd_search)
 
-    stats = sub.add_parser("stats", parents=[common],
-                           help="image count, dimension and model of a collection")
-    stats.set_defaults(run=cmd_stats)
+    _command(sub, "stats", "image count, dimension and model of a collection", cmd_stats)
 
-    delete = sub.add_parser("delete", parents=[common], help="remove images by id")
+    delete = _command(sub, "delete", "remove images by id", cmd_delete)
     delete.add_argument("ids", nargs="+", metavar="ID",
                         help="full image ids, as `search` and `ingest --json` print them")
-    delete.set_defaults(run=cmd_delete)
 
-    health = sub.add_parser("health", parents=[common],
-                            help="print a server's grpc.health.v1 status; exit 0 if SERVING")
+    health = _command(sub, "health", "print a server's grpc.health.v1 status; exit 0 if SERVING",
+                      cmd_health)
     health.add_argument("address", nargs="?", help="HOST:PORT of any of our servers (default --server)")
     health.add_argument("--wait", type=float, default=0, metavar="S",
                         help="wait up to S seconds for SERVING")
-    health.set_defaults(run=cmd_health)
+    for command in sub.choices.values():
+        _connection(command)
+    parser.commands = sub.choices  # for _parse: each subcommand's own errors
     return parser
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown flag is refused by its subcommand, with its
+    usage and the nearest flag it has."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser.commands[args.command]
+        flags = [flag for flag in command._option_string_actions if flag.startswith("--")]
+        near = difflib.get_close_matches(extra[0], flags, n=1, cutoff=0.6)
+        command.error(f"unrecognized arguments: {' '.join(extra)}"
+                      + (f" (did you mean {near[0]}?)" if near else ""))
+    args.server = with_port(args.server)
+    return args
+
+
+def with_port(server: str) -> str:
+    """HOST as HOST:50052, the search service's port (gRPC would dial 443);
+    HOST:PORT, [v6]:PORT and scheme targets (unix:, dns:) as given."""
+    if ":" in server.rsplit("]", 1)[-1]:
+        return server
+    return f"{server}:{DEFAULT_SEARCH_SERVER.rsplit(':', 1)[1]}"
 
 
 def _hint(error: errors.ImageSearchError, server: str) -> str:
@@ -344,7 +428,7 @@ def _save_token(path: Path, token: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         token = Path(args.token_file).read_text().strip() if args.token_file else \
             os.environ.get("IMGSEARCH_TOKEN", "")

@@ -67,6 +67,12 @@ def test_empty_results_say_why(search_service, tmp_path):
     assert "no grid written" in run.stderr and not (tmp_path / "g.png").exists()
     run = imgsearch(server, "--collection", "cli_empty", "search", "a photo", "--min-score", "0.999")
     assert re.search(r"no hits: the best score is -?\d\.\d{4}, below --min-score 0.999", run.stderr)
+    # A filter that matches, and a threshold that removes what it matched:
+    # the threshold is to blame, not the filter.
+    run = imgsearch(server, "--collection", "cli_empty", "search", "a photo", "--filter",
+                    "label=cats", "--uri-prefix", str(folder), "--min-score", "0.999")
+    assert re.search(r"no hits: the best score among the images that match the filter is "
+                     r"-?\d\.\d{4}, below --min-score 0.999", run.stderr), run.stderr
     ids = [line["id"] for line in map(json.loads, imgsearch(
         server, "--collection", "cli_empty", "ingest", str(folder), "-q", "--json").stdout.splitlines())]
     imgsearch(server, "--collection", "cli_empty", "delete", *ids)
@@ -148,3 +154,25 @@ def test_output_ranks_labels_files_and_grid_labels(search_service, tmp_path):
     with Image.open(tmp_path / "grid.png") as labelled, Image.open(tmp_path / "plain.png") as plain:
         assert labelled.getpixel((75, 5)) == (0, 0, 0)  # the label band
         assert plain.getpixel((75, 5)) != (0, 0, 0)
+
+
+@LITE_ONLY
+def test_first_hour_rough_edges(search_service, tmp_path):
+    """Unquoted query words are one query; a misspelled flag gets the
+    subcommand's usage and the nearest flag; a folder given to --image is
+    said to be one; a server without a port gets the search service's."""
+    folder = _folder(tmp_path, "edges", range(1140, 1143))
+    server = search_service.address
+    imgsearch(server, "--collection", "cli_edges", "ingest", str(folder), "-q")
+    run = imgsearch(server, "--collection", "cli_edges", "search", "a", "red", "square", "--top-k", "2")
+    assert run.returncode == 0 and len(ID.findall(run.stdout)) == 2, run.stderr
+    run = imgsearch(server, "search", "a red square", "--top-kk", "5")
+    assert run.returncode == 2
+    assert run.stderr.startswith("usage: imgsearch search")
+    assert "unrecognized arguments: --top-kk 5 (did you mean --top-k?)" in run.stderr
+    run = imgsearch(server, "search", "--image", str(folder))
+    assert run.returncode == 2 and f"--image {folder} is a folder: give one image file" in run.stderr
+    assert "Errno" not in run.stderr
+    port = free_port()  # nothing listens there
+    run = _run(f"127.0.0.1:{port}", "--server", "127.0.0.1", "stats", "--timeout", "5")
+    assert "no search service answers at 127.0.0.1:50052" in run.stderr, run.stderr

@@ -1,6 +1,7 @@
 """The client side: installs and runs without torch or Milvus; folder walk; grid."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -11,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
 from imagesearch import errors
-from imagesearch.cli import _hint, find_images
+from imagesearch.cli import _hint, build_parser, find_images, with_port
 from imagesearch.grid import write_grid
 from tests.services import ROOT
 
@@ -122,3 +123,21 @@ def test_field_violations_and_model_mismatch_are_typed():
     other = error_details_pb2.ErrorInfo(reason="MODEL_MISMATCH", domain="example.com")
     assert type(errors.from_rpc_error(_Failed(grpc.StatusCode.FAILED_PRECONDITION, "x", other))) \
         is errors.FailedPrecondition  # another domain's reasons are not ours
+
+
+def test_subcommand_help_leads_with_its_own_options_and_ends_with_examples():
+    text = build_parser().commands["search"].format_help()
+    options = text[text.index("\noptions:"):]  # past the usage line
+    assert options.index("  --min-score") < options.index("connection (also accepted before") \
+        < options.index("  --tls-ca") < options.index("examples:\n  imgsearch search a white dog")
+    run = subprocess.run([sys.executable, "-m", "imagesearch.cli", "--version"], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0 and re.fullmatch(r"imgsearch \S+\n", run.stdout), run.stdout
+
+
+@pytest.mark.parametrize("server, dialled", [
+    ("localhost", "localhost:50052"), ("10.0.0.1", "10.0.0.1:50052"), ("[::1]", "[::1]:50052"),
+    ("h:7", "h:7"), ("[::1]:7", "[::1]:7"), ("unix:/run/s.sock", "unix:/run/s.sock"),
+    ("dns:///search:7", "dns:///search:7")])
+def test_a_server_without_a_port_gets_the_search_services(server, dialled):
+    assert with_port(server) == dialled  # gRPC's own default would be 443
