@@ -1,4 +1,6 @@
-"""Typed, blocking Python clients for both services (no torch, no Milvus).
+"""Typed Python clients for both services (no torch, no Milvus): blocking
+(`SearchClient`, `EmbedderClient`) and their asyncio twins
+(`AsyncSearchClient`, `AsyncEmbedderClient`).
 
     from imagesearch.client import SearchClient
     with SearchClient("localhost:50052") as client:
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Iterator, Mapping
+from typing import AsyncIterator, ClassVar, Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -148,22 +150,92 @@ class Security:
     def tls(self) -> bool:
         return bool(self.tls_ca or self.tls_cert)
 
-    def channel(self, server: str, options: list) -> grpc.Channel:
+    def channel(self, server: str, options: list, aio: bool = False):
+        """A blocking channel, or a grpc.aio one with `aio`."""
+        kind = grpc.aio if aio else grpc
         if self.tls:
-            return grpc.secure_channel(server, channel_credentials(
+            return kind.secure_channel(server, channel_credentials(
                 self.tls_ca, self.tls_cert, self.tls_key), options)
-        return grpc.insecure_channel(server, options)
+        return kind.insecure_channel(server, options)
+
+
+def _messages(items: Iterable[IngestItem], collection: str, max_bytes: int
+              ) -> Iterator[search_pb2.IngestRequest]:
+    """Items grouped into messages of up to 32 images and half the message
+    limit (`max_bytes`), counted as encoded (uri, metadata and framing included)."""
+    request, size = search_pb2.IngestRequest(collection=collection), 0
+    for item in items:
+        entry = search_pb2.IngestItem(image=item.image, uri=item.uri, metadata=item.metadata)
+        cost = entry.ByteSize() + 6  # the field's tag and length
+        if request.items and (len(request.items) == _ITEMS_PER_MESSAGE
+                              or size + cost > max_bytes // 2):
+            yield request
+            request, size = search_pb2.IngestRequest(), 0
+        request.items.append(entry)
+        size += cost
+    if request.items:
+        yield request
+
+
+# Requests and results, shared by the blocking clients and their async twins.
+
+def _text_request(query: str, top_k: int, collection: str, token: bytes, options: dict):
+    return search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection,
+                                          consistency_token=token, **search_options(**options))
+
+
+def _image_request(image: bytes, top_k: int, collection: str, token: bytes, options: dict):
+    return search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection,
+                                           consistency_token=token, **search_options(**options))
+
+
+def _hits(response) -> Hits:
+    hits = Hits(Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
+                for h in response.hits)
+    hits.next_offset = response.next_offset
+    return hits
+
+
+def _results(response) -> list[IngestResult]:
+    return [IngestResult(r.index, r.id, r.uri, IngestStatus(r.status), r.error)
+            for r in response.results]
+
+
+def _deleted(response) -> Deleted:
+    return Deleted(response.deleted, list(response.missing), response.consistency_token)
+
+
+def _stats(response) -> Stats:
+    return Stats(response.collection, response.count, ModelIdentity.of(response.model))
+
+
+def _matrix(response) -> np.ndarray:
+    return np.stack([np.frombuffer(e.vector, dtype="<f4") for e in response.embeddings])
+
+
+def _model_info(info) -> ModelInfo:
+    return ModelInfo(ModelIdentity.of(info.model), info.device, info.dtype, info.max_text_tokens,
+                     Limits(info.limits.max_batch_items, info.limits.max_request_bytes,
+                            info.limits.max_image_pixels))
 
 
 class _Client:
+    """A channel to one server, with the deadline, token and message limit of its calls."""
+    aio = False  # an async twin's channel is grpc.aio's
+
     def __init__(self, server: str, timeout_s: float, max_message_mb: int,
                  security: Security | None = None) -> None:
         self.server = server
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_mb << 20
         security = security or Security()
-        self._channel = security.channel(server, channel_options(max_message_mb << 20))
+        self._channel = security.channel(server, channel_options(max_message_mb << 20), self.aio)
         self._metadata = bearer(security.token)
+        # The newest write of this client: tokens compare as byte strings.
+        self.consistency_token = b""
+
+    def _seen(self, token: bytes) -> None:
+        self.consistency_token = max(self.consistency_token, token)
 
     def _unary(self, method, request):
         """`method(request)` with this client's deadline and token; a failure typed."""
@@ -182,6 +254,25 @@ class _Client:
         self.close()
 
 
+class _AsyncClient(_Client):
+    aio = True
+
+    async def _unary(self, method, request):
+        try:
+            return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
 class SearchClient(_Client):
     """Client of imagesearch.v1.ImageSearchService."""
 
@@ -189,77 +280,87 @@ class SearchClient(_Client):
                  max_message_mb: int = 64, security: Security | None = None) -> None:
         super().__init__(server, timeout_s, max_message_mb, security)
         self._stub = search_pb2_grpc.ImageSearchServiceStub(self._channel)
-        # The newest write of this client: tokens compare as byte strings.
-        self.consistency_token = b""
-
-    def _seen(self, token: bytes) -> None:
-        self.consistency_token = max(self.consistency_token, token)
-
-    def _messages(self, items: Iterable[IngestItem], collection: str
-                  ) -> Iterator[search_pb2.IngestRequest]:
-        """Items grouped into messages of up to 32 images and half the message
-        limit, counted as encoded (uri, metadata and framing included)."""
-        request, size = search_pb2.IngestRequest(collection=collection), 0
-        for item in items:
-            entry = search_pb2.IngestItem(image=item.image, uri=item.uri, metadata=item.metadata)
-            cost = entry.ByteSize() + 6  # the field's tag and length
-            if request.items and (len(request.items) == _ITEMS_PER_MESSAGE
-                                  or size + cost > self.max_message_bytes // 2):
-                yield request
-                request, size = search_pb2.IngestRequest(), 0
-            request.items.append(entry)
-            size += cost
-        if request.items:
-            yield request
 
     def ingest(self, items: Iterable[IngestItem], collection: str = "",
                timeout_s: float | None = None) -> Iterator[IngestResult]:
         """Stream items in; yield one result per item as the server stores them.
         `timeout_s` bounds the whole stream (default: none)."""
-        call = self._stub.Ingest(self._messages(items, collection), timeout=timeout_s,
-                                 metadata=self._metadata)
+        call = self._stub.Ingest(_messages(items, collection, self.max_message_bytes),
+                                 timeout=timeout_s, metadata=self._metadata)
         try:
             for response in call:
                 self._seen(response.consistency_token)
-                for r in response.results:
-                    yield IngestResult(r.index, r.id, r.uri, IngestStatus(r.status), r.error)
+                yield from _results(response)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         finally:  # the caller stopped early (Ctrl-C, break): end the stream now
             call.cancel()
 
-    def _hits(self, response) -> Hits:
-        hits = Hits(Hit(id=h.id, score=h.score, uri=h.uri, metadata=dict(h.metadata))
-                    for h in response.hits)
-        hits.next_offset = response.next_offset
-        return hits
-
     def search_text(self, query: str, top_k: int = 10, collection: str = "",
                     **options) -> Hits:
         """`options`: see `search_options`."""
-        request = search_pb2.SearchByTextRequest(query=query, top_k=top_k, collection=collection,
-                                                 consistency_token=self.consistency_token,
-                                                 **search_options(**options))
-        return self._hits(self._unary(self._stub.SearchByText, request))
+        return _hits(self._unary(self._stub.SearchByText, _text_request(
+            query, top_k, collection, self.consistency_token, options)))
 
     def search_image(self, image: bytes, top_k: int = 10, collection: str = "",
                      **options) -> Hits:
         """`options`: see `search_options`."""
-        request = search_pb2.SearchByImageRequest(image=image, top_k=top_k, collection=collection,
-                                                  consistency_token=self.consistency_token,
-                                                  **search_options(**options))
-        return self._hits(self._unary(self._stub.SearchByImage, request))
+        return _hits(self._unary(self._stub.SearchByImage, _image_request(
+            image, top_k, collection, self.consistency_token, options)))
 
     def delete(self, ids: list[str], collection: str = "") -> Deleted:
-        response = self._unary(self._stub.Delete,
-                               search_pb2.DeleteRequest(ids=ids, collection=collection))
-        self._seen(response.consistency_token)
-        return Deleted(response.deleted, list(response.missing), response.consistency_token)
+        deleted = _deleted(self._unary(self._stub.Delete, search_pb2.DeleteRequest(
+            ids=ids, collection=collection)))
+        self._seen(deleted.consistency_token)
+        return deleted
 
     def stats(self, collection: str = "") -> Stats:
-        response = self._unary(self._stub.GetStats, search_pb2.GetStatsRequest(
-            collection=collection, consistency_token=self.consistency_token))
-        return Stats(response.collection, response.count, ModelIdentity.of(response.model))
+        return _stats(self._unary(self._stub.GetStats, search_pb2.GetStatsRequest(
+            collection=collection, consistency_token=self.consistency_token)))
+
+
+class AsyncSearchClient(_AsyncClient):
+    """SearchClient's twin for asyncio callers: the same calls, awaited
+    (`ingest` is an async iterator), the same results and errors."""
+
+    def __init__(self, server: str = DEFAULT_SEARCH_SERVER, timeout_s: float = 60.0,
+                 max_message_mb: int = 64, security: Security | None = None) -> None:
+        super().__init__(server, timeout_s, max_message_mb, security)
+        self._stub = search_pb2_grpc.ImageSearchServiceStub(self._channel)
+
+    async def ingest(self, items: Iterable[IngestItem], collection: str = "",
+                     timeout_s: float | None = None) -> AsyncIterator[IngestResult]:
+        call = self._stub.Ingest(_messages(items, collection, self.max_message_bytes),
+                                 timeout=timeout_s, metadata=self._metadata)
+        try:
+            async for response in call:
+                self._seen(response.consistency_token)
+                for result in _results(response):
+                    yield result
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()
+
+    async def search_text(self, query: str, top_k: int = 10, collection: str = "",
+                          **options) -> Hits:
+        return _hits(await self._unary(self._stub.SearchByText, _text_request(
+            query, top_k, collection, self.consistency_token, options)))
+
+    async def search_image(self, image: bytes, top_k: int = 10, collection: str = "",
+                           **options) -> Hits:
+        return _hits(await self._unary(self._stub.SearchByImage, _image_request(
+            image, top_k, collection, self.consistency_token, options)))
+
+    async def delete(self, ids: list[str], collection: str = "") -> Deleted:
+        deleted = _deleted(await self._unary(self._stub.Delete, search_pb2.DeleteRequest(
+            ids=ids, collection=collection)))
+        self._seen(deleted.consistency_token)
+        return deleted
+
+    async def stats(self, collection: str = "") -> Stats:
+        return _stats(await self._unary(self._stub.GetStats, search_pb2.GetStatsRequest(
+            collection=collection, consistency_token=self.consistency_token)))
 
 
 class EmbedderClient(_Client):
@@ -270,20 +371,33 @@ class EmbedderClient(_Client):
         super().__init__(server, timeout_s, max_message_mb, security)
         self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
 
-    @staticmethod
-    def _matrix(response) -> np.ndarray:
-        return np.stack([np.frombuffer(e.vector, dtype="<f4") for e in response.embeddings])
-
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        return self._matrix(self._unary(self._stub.EncodeText,
-                                        embedder_pb2.EncodeTextRequest(texts=texts)))
+        return _matrix(self._unary(self._stub.EncodeText, embedder_pb2.EncodeTextRequest(texts=texts)))
 
     def encode_images(self, images: list[bytes]) -> np.ndarray:
-        return self._matrix(self._unary(self._stub.EncodeImage,
-                                        embedder_pb2.EncodeImageRequest(images=images)))
+        return _matrix(self._unary(self._stub.EncodeImage,
+                                   embedder_pb2.EncodeImageRequest(images=images)))
 
     def model_info(self) -> ModelInfo:
-        info = self._unary(self._stub.GetModelInfo, embedder_pb2.GetModelInfoRequest())
-        return ModelInfo(ModelIdentity.of(info.model), info.device, info.dtype, info.max_text_tokens,
-                         Limits(info.limits.max_batch_items, info.limits.max_request_bytes,
-                                info.limits.max_image_pixels))
+        return _model_info(self._unary(self._stub.GetModelInfo, embedder_pb2.GetModelInfoRequest()))
+
+
+class AsyncEmbedderClient(_AsyncClient):
+    """EmbedderClient's twin for asyncio callers."""
+
+    def __init__(self, server: str = DEFAULT_EMBEDDER_SERVER, timeout_s: float = 60.0,
+                 max_message_mb: int = 64, security: Security | None = None) -> None:
+        super().__init__(server, timeout_s, max_message_mb, security)
+        self._stub = embedder_pb2_grpc.EmbedderServiceStub(self._channel)
+
+    async def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return _matrix(await self._unary(self._stub.EncodeText,
+                                         embedder_pb2.EncodeTextRequest(texts=texts)))
+
+    async def encode_images(self, images: list[bytes]) -> np.ndarray:
+        return _matrix(await self._unary(self._stub.EncodeImage,
+                                         embedder_pb2.EncodeImageRequest(images=images)))
+
+    async def model_info(self) -> ModelInfo:
+        return _model_info(await self._unary(self._stub.GetModelInfo,
+                                             embedder_pb2.GetModelInfoRequest()))

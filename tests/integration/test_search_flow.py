@@ -2,6 +2,7 @@
 Lite, the bundled test model, a freshly generated image set, the CLI."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -214,3 +215,33 @@ def test_cli_escapes_control_characters_that_other_callers_stored(search_service
     assert "\x1b" not in run.stdout and "\x07" not in run.stdout
     assert len(run.stdout.splitlines()) == 1
     assert "x\\x1b]0;pwned\\x07\\n  1  0.9999" in run.stdout
+
+
+def test_async_twins_make_the_same_calls(search_service, embedder_service, embedder):
+    """AsyncSearchClient and AsyncEmbedderClient, for callers in asyncio
+    services: the same results (read-your-writes through the token, on
+    either backend) and the same typed errors as the blocking clients."""
+    from imagesearch import errors
+    from imagesearch.client import AsyncEmbedderClient, AsyncSearchClient
+
+    async def run():
+        async with AsyncSearchClient(search_service.address) as client:
+            results = [r async for r in client.ingest(
+                [IngestItem(photo(7100), "async-0"), IngestItem(photo(7101), "async-1")],
+                collection="async_twins")]
+            assert [r.status for r in results] == [IngestResult.STATUS_INSERTED] * 2
+            hits = await client.search_image(photo(7101), 1, "async_twins")
+            assert hits[0].uri == "async-1"
+            assert (await client.stats("async_twins")).count == 2
+            gone = await client.delete([results[0].id, "0" * 64], "async_twins")
+            assert (gone.deleted, gone.missing) == (1, ["0" * 64])
+            assert (await client.stats("async_twins")).count == 1
+            with pytest.raises(errors.NotFound):
+                await client.stats("no_such_collection")
+        async with AsyncEmbedderClient(embedder_service.address) as client:
+            vectors = await client.encode_texts(["a red circle"])
+            info = await client.model_info()
+        return vectors, info
+    vectors, info = asyncio.run(run())
+    np.testing.assert_allclose(vectors, embedder.encode_texts(["a red circle"]), atol=1e-5)
+    assert info == embedder.model_info()
