@@ -25,7 +25,7 @@ from imagesearch.serving import serve
 from imagesearch.v1 import search_pb2, search_pb2_grpc
 from search_service import workers
 from search_service.config import SearchConfig, parse_config
-from search_service.embedder_client import EmbedderClient
+from search_service.embedder_client import EmbedderPool
 from search_service.errors import ServiceError, UnsupportedMilvus
 from search_service.readiness import watch_dependencies
 from search_service.ingest import IngestSettings
@@ -38,7 +38,7 @@ log = logging.getLogger("search_service")
 
 async def run(config: SearchConfig, store: MilvusStore,
               credentials: grpc.ChannelCredentials | None, tokens: Tokens) -> None:
-    embedder = EmbedderClient(config.embedder, config.embedder_timeout_s,
+    embedder = EmbedderPool(config.embedder, config.embedder_timeout_s,
                               config.max_message_mb << 20, credentials)
     ingest = IngestSettings(batch_size=config.ingest_batch,
                             max_batch_bytes=(config.max_message_mb << 20) // 2,

@@ -113,7 +113,10 @@ def _image_request(images: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-class EmbedderClient:
+class EmbedderPool:
+    """The embedder replicas behind one address (round-robin over the SERVING
+    ones), as the search service calls them: deadlines, limits, errors."""
+
     def __init__(self, target: str, timeout_s: float, max_message_bytes: int,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         """`credentials`: TLS (see imagesearch.security); None for plaintext."""

@@ -29,7 +29,7 @@ from prometheus_client import Counter
 from search_service import validation
 from search_service.coalesce import Coalescer
 from search_service.domain import ModelIdentity, Outcome, Status, Stored
-from search_service.embedder_client import EmbedderClient
+from search_service.embedder_client import EmbedderPool
 from search_service.errors import (CollectionNotFound, DeadlineExceeded, InvalidArgument,
                                    ModelMismatch, ServiceError)
 from search_service.store import Row, Store
@@ -221,7 +221,7 @@ class IngestPipeline:
     """One Ingest stream; `context` is its gRPC call's, passed on to the embedder (deadline, cancel)."""
 
     def __init__(self, collection: str, store: Store, shared: SharedCalls,
-                 embedder: EmbedderClient, in_flight: InFlight, settings: IngestSettings,
+                 embedder: EmbedderPool, in_flight: InFlight, settings: IngestSettings,
                  context) -> None:
         self._collection = collection
         self._store, self._shared = store, shared

@@ -18,7 +18,7 @@ from imagesearch.status import abort_with
 from imagesearch.v1 import embedder_pb2, search_pb2, search_pb2_grpc
 from search_service import validation
 from search_service.domain import MAX_JSON_BYTES, MAX_URI_LENGTH, ModelIdentity, Stored
-from search_service.embedder_client import EmbedderClient
+from search_service.embedder_client import EmbedderPool
 from search_service.errors import (CollectionNotFound, DependencyUnavailable, InvalidArgument,
                                    OutOfRange, ServiceError)
 from search_service.ingest import InFlight, IngestPipeline, IngestSettings, SharedCalls
@@ -70,7 +70,7 @@ def _hits(hits: list[dict]) -> list[tuple[search_pb2.Hit, int]]:
 
 
 class ImageSearchServicer(search_pb2_grpc.ImageSearchServiceServicer):
-    def __init__(self, store: Store, embedder: EmbedderClient, default_collection: str,
+    def __init__(self, store: Store, embedder: EmbedderPool, default_collection: str,
                  ingest: IngestSettings, max_message_bytes: int) -> None:
         self._store = store
         self._embedder = embedder
