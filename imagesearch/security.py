@@ -41,12 +41,77 @@ def _read(path: str, what: str) -> bytes:
         raise SecurityConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from exc
 
 
+class ReloadingCertificate:
+    """A server's TLS certificate and key (and client CA), read again when
+    their files change, without a restart. cert-manager renews certificates
+    in place at two thirds of their life (day 60 of 90), and Kubernetes
+    swaps a Secret's files atomically; a server that read them only at start
+    would serve the old certificate until it expired.
+
+    gRPC asks `fetch` at each new TLS handshake; it compares the files'
+    identity (inode, size, mtime), so a handshake costs a few stat calls. A
+    changed set that does not load (a key that does not match its
+    certificate, half-written files) is logged once and the previous one
+    kept until the files change again."""
+
+    def __init__(self, cert: str, key: str, client_ca: str = "") -> None:
+        self._paths = (cert, key, client_ca)
+        self._current = self._load()  # SecurityConfigError at start, naming the file
+        self._seen = self._identity()
+        self._refused = None  # the files' identity when they last failed to load
+
+    def _identity(self) -> tuple:
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) if path and (st := os.stat(path))
+                     else None for path in self._paths)
+
+    def _load(self):
+        from cryptography import x509  # server side only: the [server] extra
+        from cryptography.hazmat.primitives import serialization
+        cert, key, client_ca = self._paths
+        private_key, certificate = _read(key, "TLS key"), _read(cert, "TLS certificate")
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        try:
+            matches = (serialization.load_pem_private_key(private_key, None).public_key()
+                       .public_bytes(*spki)
+                       == x509.load_pem_x509_certificate(certificate).public_key().public_bytes(*spki))
+        except (ValueError, TypeError) as exc:
+            raise SecurityConfigError(f"the TLS certificate {cert} or key {key} cannot be read "
+                                      f"as PEM: {exc}") from exc
+        if not matches:  # a mismatched pair must never replace a working one
+            raise SecurityConfigError(f"the TLS key {key} is not the key of the certificate {cert}")
+        return grpc.ssl_server_certificate_configuration(
+            [(private_key, certificate)],
+            root_certificates=_read(client_ca, "client CA") if client_ca else None)
+
+    def fetch(self):
+        """For gRPC: the new configuration when the files changed, else None (keep)."""
+        try:
+            seen = self._identity()
+        except OSError:  # mid-swap: one file gone for a moment
+            return None
+        if seen in (self._seen, self._refused):
+            return None
+        try:
+            self._current = self._load()
+        except (OSError, SecurityConfigError) as exc:
+            self._refused = seen
+            log.warning("TLS files changed but cannot be used (the previous certificate "
+                        "stays until they change again): %s", exc)
+            return None
+        self._seen = seen
+        log.info("TLS certificate %s reloaded: it expires in %.1f days", self._paths[0],
+                 days_left(self._paths[0]))
+        return self._current
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self._current, self.fetch,
+                                                   require_client_authentication=bool(self._paths[2]))
+
+
 def server_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials:
-    """TLS with `cert` and `key`; with `client_ca`, client certificates are required."""
-    return grpc.ssl_server_credentials(
-        [(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
-        root_certificates=_read(client_ca, "client CA") if client_ca else None,
-        require_client_auth=bool(client_ca))
+    """TLS with `cert` and `key`, read again when they change; with
+    `client_ca`, client certificates are required."""
+    return ReloadingCertificate(cert, key, client_ca).credentials()
 
 
 def days_left(cert: str) -> float:

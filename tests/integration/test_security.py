@@ -4,11 +4,14 @@ cases, on real processes. The certificates are made here (trustme)."""
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 from pathlib import Path
 
 import grpc
 import pytest
 import trustme
+from cryptography import x509
 
 from imagesearch.client import EmbedderClient, SearchClient, Security
 from imagesearch.health import status
@@ -257,3 +260,49 @@ def test_a_rewritten_token_file_takes_effect_without_a_restart(tmp_path, embedde
         assert "token file" in search.log() and "2222" not in search.log()
     finally:
         assert search.stop() == 0
+
+
+def _served_serial(port: int, ca: str) -> int:
+    """The serial number of the certificate a TLS handshake with the port gets."""
+    context = ssl.create_default_context(cafile=ca)
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def _install(cert: trustme.LeafCert, cert_path: Path, key_path: Path, key=None) -> None:
+    """Replace the files as a Secret volume update does: each one atomically."""
+    for blob, path in ((cert.cert_chain_pems[0], cert_path), (key or cert.private_key_pem, key_path)):
+        blob.write_to_path(str(path) + ".new")
+        os.replace(str(path) + ".new", path)
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(embedder_service, tmp_path):
+    """cert-manager renews certificates in place (day 60 of 90); servers read
+    them only at start served the old one until it expired. Now a new
+    handshake gets the renewed certificate, and a key that does not match
+    its certificate never replaces a working pair."""
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first, renewed, stranger = (ca.issue_cert("127.0.0.1", "localhost") for _ in range(3))
+    _install(first, cert_path, key_path)
+    search = start_search(tmp_path, embedder_service.address, "--tls-cert", str(cert_path),
+                          "--tls-key", str(key_path))
+    ca_path = str(tmp_path / "ca.pem")
+    search.wait_ready(credentials=channel_credentials(ca_path))
+    serial = {name: x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).serial_number
+              for name, cert in (("first", first), ("renewed", renewed), ("stranger", stranger))}
+    try:
+        assert _served_serial(search.port, ca_path) == serial["first"]
+        _install(renewed, cert_path, key_path)
+        eventually(lambda: _served_serial(search.port, ca_path) == serial["renewed"], 30)
+        with SearchClient(search.address, security=Security(tls_ca=ca_path)) as client:
+            assert client.stats().collection == "images"
+        _install(stranger, cert_path, key_path, key=renewed.private_key_pem)  # a mismatched pair
+        assert _served_serial(search.port, ca_path) == serial["renewed"]
+        eventually(lambda: "is not the key of the certificate" in search.log(), 10)
+        assert search.process.poll() is None
+    finally:
+        assert search.stop() == 0, search.log()
