@@ -82,11 +82,13 @@ def build_parser() -> EnvArgumentParser:
     p.env_flag("--max-image-pixels", default=50_000_000, type=positive_int,
                help="images declaring more pixels are refused before decoding "
                     "(decompression-bomb guard); formats that cost more to decode get less: "
-                    "half for WebP and PNG, a quarter for 16-bit PNG")
+                    "half for WebP and PNG, a quarter for 16-bit PNG and float or 32-bit "
+                    "TIFF, and a tenth of a progressive JPEG's scans (over 100 scans: refused)")
     p.env_flag("--max-decode-mpx", default=1000, type=positive_int,
                help="decode work admitted at once, in megapixels of baseline JPEG (WebP and "
-                    "PNG count double): beyond it RESOURCE_EXHAUSTED before any decoding. A "
-                    "request is always admitted when nothing else is decoding")
+                    "PNG count double, and so on by the cost of each image): beyond it "
+                    "RESOURCE_EXHAUSTED before any decoding. A request is always admitted when "
+                    "nothing else is decoding")
     return p
 
 
