@@ -83,7 +83,7 @@ def build_parser() -> EnvArgumentParser:
                help="images declaring more pixels are refused before decoding "
                     "(decompression-bomb guard); formats that cost more to decode get less: "
                     "half for WebP and PNG, a quarter for 16-bit PNG and float or 32-bit "
-                    "TIFF, and a tenth of a progressive JPEG's scans (over 100 scans: refused)")
+                    "TIFF; a JPEG costs one baseline decode per 10 scans (over 100: refused)")
     p.env_flag("--max-decode-mpx", default=1000, type=positive_int,
                help="decode work admitted at once, in megapixels of baseline JPEG (WebP and "
                     "PNG count double, and so on by the cost of each image): beyond it "
