@@ -1,9 +1,12 @@
 """deploy/milvus/values-distributed.yaml against the pinned chart's own values.yaml.
 
 tests/deploy/milvus-chart/ holds zilliztech/milvus-helm's charts/milvus
-values.yaml and Chart.yaml at tag milvus-5.0.19, unmodified below a header
-(sha256 checked). A key our values set that the chart does not have is a
-typo Helm would silently ignore, so it fails here.
+values.yaml, Chart.yaml and templates/config.tpl at tag milvus-5.0.19,
+unmodified below a header (sha256 checked). A key our values set that the
+chart does not have is a typo Helm would silently ignore, so it fails here.
+Which message queue milvus.yaml names is decided by config.tpl's own
+conditions, read from the vendored template and evaluated on our values
+merged over the chart's (`rendered_mq_types`), not by which keys exist.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ CHART = Path(__file__).parent / "milvus-chart"
 PINNED_CHART = "5.0.19"
 # sha256 of the files as the chart repository has them (the lines below our header).
 SHA256 = {"values.yaml": ("edfe192f3cfe1eca206d8737ec71af6bd7a9f896a9c2fed6689971478104deea", 3),
-          "Chart.yaml": ("79748f45a25a76281cbfe014a00a0bd7790e405b46a2d5663506eb9de6094a15", 2)}
+          "Chart.yaml": ("79748f45a25a76281cbfe014a00a0bd7790e405b46a2d5663506eb9de6094a15", 2),
+          "config.tpl": ("d040325a75aa24897cb4ca0b6d7a5428a05081860221f8303b392e87ce0d31a9", 3)}
 VALUES_FILE = DEPLOY / "milvus" / "values-distributed.yaml"
 COORDINATORS = ("rootCoordinator", "queryCoordinator", "dataCoordinator", "indexCoordinator")
 # The Milvus processes of a 2.6 cluster: each reads milvus.yaml's MinIO keys.
@@ -55,8 +59,10 @@ def open_map(node) -> bool:
 def test_vendored_chart_files_are_unmodified():
     for name, (digest, header_lines) in SHA256.items():
         lines = (CHART / name).read_text().splitlines(keepends=True)
-        assert all(line.startswith("#") for line in lines[:header_lines])
-        assert "milvus-5.0.19" in "".join(lines[:header_lines])
+        header = "".join(lines[:header_lines])
+        assert header.startswith("{{- /*") if name.endswith(".tpl") else \
+            all(line.startswith("#") for line in lines[:header_lines])
+        assert "milvus-5.0.19" in header
         assert hashlib.sha256("".join(lines[header_lines:]).encode()).hexdigest() == digest, name
 
 
@@ -113,13 +119,58 @@ def test_minio_keys_come_from_a_secret_not_the_defaults():
                        "MINIO_SECRET_ACCESS_KEY": {"name": secret, "key": "secretkey"}}, component
 
 
-def test_one_write_ahead_log_woodpecker_on_the_object_store():
-    values = ours()
+def merged(base: dict, over: dict) -> dict:
+    """`over` on `base`, as Helm merges a values file over the chart's."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(base[key], value) if isinstance(value, dict) and isinstance(
+            base.get(key), dict) else value
+    return out
+
+
+def rendered_mq_types(values: dict) -> list[str]:
+    """The `mq: type:` values config.tpl writes into milvus.yaml for
+    `values`: each if / else-if chain of the template whose branches guard
+    an `mq:` block by a `.Values.X.enabled` condition gives the type of its
+    first true branch, as Go templates do; no `mq:` block means Milvus picks
+    its own default (in cluster mode Pulsar first, at localhost:6650)."""
+    template = (CHART / "config.tpl").read_text()
+    # Each chain: `{{- if COND }}` ... `{{- else if COND }}` ... `{{- end }}` at the top level.
+    branch = re.compile(r"\{\{-\s*(if|else if)\s+\.Values\.([\w.]+)\s*\}\}\s*\n\s*mq:\s*\n\s*type:\s*(\w+)")
+    chains: list[list[tuple[str, str]]] = []
+    for kind, condition, mq_type in branch.findall(template):
+        if kind == "if":
+            chains.append([])
+        chains[-1].append((condition, mq_type))
+    assert chains, "config.tpl no longer guards mq: blocks as this test reads them"
+    types = []
+    for chain in chains:
+        for condition, mq_type in chain:
+            node = values
+            for key in condition.split("."):
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if node is True:
+                types.append(mq_type)
+                break
+    return types
+
+
+def test_the_chart_renders_woodpecker_as_the_one_message_queue():
+    """Our values set woodpecker.enabled false: no branch of config.tpl's
+    chains was true, so milvus.yaml named no message queue, Milvus 2.6 in
+    cluster mode fell back to Pulsar (its address defaults to localhost),
+    and `helm install --wait` timed out. Woodpecker, embedded in the
+    streaming nodes on the object store, is the branch to take."""
+    values = merged(chart_values(), ours())
+    assert values["cluster"]["enabled"] is True
+    assert rendered_mq_types(values) == ["woodpecker"]
+    assert rendered_mq_types(chart_values()) == ["pulsar"], "the chart's own default: pulsarv3"
+    # The chart starts a separate woodpecker StatefulSet only when woodpecker
+    # is enabled and not embedded (_helpers.tpl, milvus.woodpecker.external.enabled).
     assert values["streaming"]["enabled"] is True
     assert values["streaming"]["woodpecker"] == {"embedded": True, "storage": {"type": "minio"}}
-    for queue in ("pulsarv3", "pulsar", "kafka", "woodpecker"):
+    for queue in ("pulsarv3", "pulsar", "kafka", "externalPulsar", "externalKafka"):
         assert values[queue]["enabled"] is False, queue
-    assert chart_values()["pulsarv3"]["enabled"] is True, "the chart's default, turned off here"
 
 
 def test_authentication_is_on_and_etcd_tolerates_a_loss():
