@@ -360,7 +360,7 @@ def test_embedder_scales_on_queue_metrics_it_exports_search_on_cpu(overlay):
         # The namespace the docs deploy to (docs/deploy.md: -n imagesearch).
         assert 'namespace="imagesearch"' in trigger["metadata"]["query"]
     assert {"embedder_queue_items", "embedder_queue_wait_seconds_bucket"} <= used
-    expected = (1, 4) if overlay == "gpu" else (2, 6)
+    expected = (2, 4) if overlay == "gpu" else (2, 6)
     assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == expected
     pdbs = objects(overlay, "PodDisruptionBudget")
     assert sorted([p["spec"]["selector"]["matchLabels"] for p in pdbs.values()], key=str) == sorted(
@@ -534,3 +534,27 @@ def test_fetch_model_script_downloads_once_per_revision_and_only_when_complete(t
     assert calls()[-1].startswith("download openai/clip-vit-base-patch32 --revision " + "a" * 40)
     assert run("a" * 40) == 0 and len(calls()) == 2             # cached: the hub is not asked
     assert run("b" * 40) == 0 and len(calls()) == 3             # a new revision is fetched
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_rollout_or_a_drain_leaves_a_ready_replica_of_each_service(overlay):
+    """The GPU overlay ran one embedder at least, replaced it with
+    maxUnavailable 1, and let a drain evict it: search answered UNAVAILABLE
+    for a whole model load. Each Deployment now keeps one ready pod through
+    a rolling update (its fewest replicas less maxUnavailable) and through a
+    drain (its PodDisruptionBudget)."""
+    deployments = objects(overlay, "Deployment")
+    floors = {spec["scaleTargetRef"]["name"]: spec["minReplicas"]
+              for spec in (o["spec"] for o in objects(overlay, "HorizontalPodAutoscaler").values())}
+    floors.update({spec["scaleTargetRef"]["name"]: spec["minReplicaCount"]
+                   for spec in (o["spec"] for o in objects(overlay, "ScaledObject").values())})
+    budgets = list(objects(overlay, "PodDisruptionBudget").values())
+    for name, deployment in deployments.items():
+        fewest = floors.get(name, deployment["spec"].get("replicas", 1))
+        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+        assert fewest - int(rolling["maxUnavailable"]) >= 1, (name, fewest, rolling)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        [budget] = [b["spec"] for b in budgets
+                    if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert budget.get("minAvailable", 0) >= 1 or fewest - budget["maxUnavailable"] >= 1, \
+            (name, budget)
