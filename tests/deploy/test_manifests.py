@@ -558,3 +558,15 @@ def test_a_rollout_or_a_drain_leaves_a_ready_replica_of_each_service(overlay):
                     if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert budget.get("minAvailable", 0) >= 1 or fewest - budget["maxUnavailable"] >= 1, \
             (name, budget)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_broken_scaling_query_fails_loudly_and_scale_up_is_paced(overlay):
+    """The queue trigger left ignoreNullValues at KEDA's default (true): a
+    query that matched nothing (another namespace, no scrape) read as an
+    idle queue, and the embedder stayed at its minimum, saying nothing."""
+    [scaled] = objects(overlay, "ScaledObject").values()
+    for trigger in scaled["spec"]["triggers"]:
+        assert trigger["metadata"]["ignoreNullValues"] == "false", trigger["name"]
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"]["policies"] and behavior["scaleDown"]["stabilizationWindowSeconds"] > 0
