@@ -6,7 +6,7 @@
 # backend too (build.txt). torch is the exception: its CPU build comes from
 # PyTorch's own index, pinned by version (TORCH_VERSION, the constraints.txt
 # pin), which our lock tooling cannot reach; see docs/deploy.md.
-ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm@sha256:2199a62885a12290dc9c5be3ca0681d367576ab7bf037da120e564723292a2f0
+ARG PYTHON_IMAGE=docker.io/library/python:3.12.8-slim-bookworm@sha256:2199a62885a12290dc9c5be3ca0681d367576ab7bf037da120e564723292a2f0
 
 # Dependencies only: these layers change when the locks do, not the code.
 FROM ${PYTHON_IMAGE} AS deps

@@ -13,7 +13,7 @@
 # failing later. Ubuntu 24.04's python3 is 3.12, the Python the locks target.
 # Pinned by digest (the tag is for readers); verify or refresh with
 #   docker buildx imagetools inspect nvidia/cuda:13.0.1-base-ubuntu24.04
-ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04@sha256:f8ef28f579ea42a44b415d2c5d46f788e6a9b395c6c83f2929416e1fc192c143
+ARG CUDA_IMAGE=docker.io/nvidia/cuda:13.0.1-base-ubuntu24.04@sha256:f8ef28f579ea42a44b415d2c5d46f788e6a9b395c6c83f2929416e1fc192c143
 
 # Dependencies only: this layer (several GB) changes when the lock does, not the code.
 FROM ${CUDA_IMAGE} AS deps

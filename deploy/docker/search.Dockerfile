@@ -7,7 +7,7 @@
 # Python package by hash (deploy/requirements/search.txt), the build backend
 # too (build.txt). Verify or refresh the digest with
 #   docker buildx imagetools inspect python:3.12.8-slim-bookworm
-ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm@sha256:2199a62885a12290dc9c5be3ca0681d367576ab7bf037da120e564723292a2f0
+ARG PYTHON_IMAGE=docker.io/library/python:3.12.8-slim-bookworm@sha256:2199a62885a12290dc9c5be3ca0681d367576ab7bf037da120e564723292a2f0
 
 # Dependencies only: this layer changes when the lock file does, not the code.
 FROM ${PYTHON_IMAGE} AS deps

@@ -9,7 +9,7 @@ from pathlib import Path
 import jsonschema
 import yaml
 
-from tests.deploy.common import DEPLOY, HEALTH_PORT, KNOWN_ENV, ROOT, compose, service_env_names
+from tests.deploy.common import DEPLOY, HEALTH_PORT, KNOWN_ENV, ROOT, compose, render, service_env_names
 
 # compose-spec.json comes from the compose-spec project (Apache-2.0, LICENSE.compose-spec),
 # as vendored by check-jsonschema 0.39.0, whose recorded sha256 this is.
@@ -20,7 +20,7 @@ COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116d
 # RELEASE.2024-12-18T13-15-44Z, etcd 3.5.25) and of Milvus's 2.6 standalone
 # compose file as published copies show it. docs/deploy.md, compatibility.
 ETCD = "quay.io/coreos/etcd:v3.5.25"
-MINIO = "minio/minio:RELEASE.2024-12-18T13-15-44Z"
+MINIO = "docker.io/minio/minio:RELEASE.2024-12-18T13-15-44Z"
 OURS = ("embedder", "embedder-cpu", "search")
 
 
@@ -136,3 +136,27 @@ def test_compose_env_names_are_service_flags():
         names |= set(service.get("environment", {}))
     unknown = service_env_names(names) - KNOWN_ENV
     assert not unknown, f"not a flag's environment twin: {sorted(unknown)}"
+
+
+def test_every_pulled_image_name_is_fully_qualified():
+    """Short names (`python:`, `minio/minio`) resolve differently on Podman,
+    CRI-O and behind mirrors (unqualified-search registries): every image
+    that is pulled names its registry. Our own images in compose are built
+    locally (pull_policy: build), and the manifests' fail closed on
+    REGISTRY.invalid until a registry is set."""
+    names = []
+    for dockerfile in (ROOT / "deploy" / "docker").glob("*.Dockerfile"):
+        names += re.findall(r"^ARG \w+_IMAGE=(\S+)", dockerfile.read_text(), re.M)
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    names += [s["image"] for s in services.values()
+              if "image" in s and s.get("pull_policy") != "build"]
+    values = yaml.safe_load((ROOT / "deploy" / "milvus" / "values-distributed.yaml").read_text())
+    names.append(values["image"]["all"]["repository"])
+    for overlay in ("cpu", "gpu", "tls"):
+        names += [c["image"] for o in render(f"overlays/{overlay}") if o["kind"] == "Deployment"
+                  for c in o["spec"]["template"]["spec"]["containers"]
+                  + o["spec"]["template"]["spec"].get("initContainers", [])]
+    assert len(names) >= 8, names
+    for name in names:
+        registry = name.split("/", 1)[0]
+        assert "/" in name and ("." in registry or ":" in registry), f"{name} names no registry"

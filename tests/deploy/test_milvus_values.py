@@ -88,7 +88,7 @@ def test_every_key_we_set_exists_in_the_pinned_chart():
 
 def test_milvus_image_is_the_charts_app_version():
     image = ours()["image"]["all"]
-    assert image["repository"] == "milvusdb/milvus"
+    assert image["repository"] == "docker.io/milvusdb/milvus"
     assert image["tag"] == "v" + chart()["appVersion"]
 
 
