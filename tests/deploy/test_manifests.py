@@ -14,8 +14,10 @@ images that fail closed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import time
 from urllib.parse import urlparse
 
 import kubernetes_validate
@@ -570,3 +572,50 @@ def test_a_broken_scaling_query_fails_loudly_and_scale_up_is_paced(overlay):
         assert trigger["metadata"]["ignoreNullValues"] == "false", trigger["name"]
     behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleUp"]["policies"] and behavior["scaleDown"]["stabilizationWindowSeconds"] > 0
+
+
+def test_the_model_fetch_downloads_once_when_pods_start_together(tmp_path):
+    """The fetch-model init container's own script, run as three pods would
+    run it on one shared volume (a directory here), after a pod that died
+    mid-download left its lock 31 minutes ago: one download, the others
+    wait for its marker, a later pod finds it cached. `hf` is a stand-in
+    that records its calls: the hub is unreachable from the test machines."""
+    [init] = pod_spec("cpu", "imagesearch-embedder")["initContainers"]
+    models, tools = tmp_path / "models", tmp_path / "bin"
+    models.mkdir()
+    tools.mkdir()
+    (tools / "hf").write_text('#!/bin/sh\necho "$*" >> "$DOWNLOADS"\nsleep 2\n')
+    (tools / "hf").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "DOWNLOADS": str(tmp_path / "calls"),
+           "EMBEDDER_MODEL": "openai/clip-vit-base-patch32", "EMBEDDER_MODEL_REVISION": "abc123"}
+    script = init["args"][0].replace("/models", str(models))
+    stale = models / ".lock-openai_clip-vit-base-patch32_abc123"
+    stale.mkdir()
+    old = time.time() - 31 * 60
+    os.utime(stale, (old, old))
+
+    def pod():
+        return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    pods = [pod() for _ in range(3)]
+    logs = [p.communicate(timeout=120)[0] for p in pods]
+    assert [p.returncode for p in pods] == [0, 0, 0], logs
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and "--revision abc123" in calls[0], calls
+    assert any("taking over a stale download lock" in log for log in logs), logs
+    assert not stale.exists()  # released by the pod that downloaded
+    later = pod()
+    assert "cached: openai/clip-vit-base-patch32@abc123" in later.communicate(timeout=60)[0]
+
+
+def test_the_model_claim_names_a_storage_class_that_the_docs_explain():
+    """The claim named no class, so it got the cluster's default: ReadWriteOnce
+    on EKS, GKE and AKS, and the embedder pods stayed Pending."""
+    for overlay in OVERLAYS:
+        pvc = objects(overlay, "PersistentVolumeClaim")["imagesearch-models"]
+        assert pvc["spec"]["storageClassName"] == "imagesearch-rwx"
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    section = docs.split("### Model delivery", 1)[1].split("\n### ", 1)[0]
+    for words in ("imagesearch-rwx", "efs.csi.aws.com", "filestore.csi.storage.gke.io",
+                  "file.csi.azure.com", "uid"):
+        assert words in section, words
