@@ -619,3 +619,39 @@ def test_the_model_claim_names_a_storage_class_that_the_docs_explain():
     for words in ("imagesearch-rwx", "efs.csi.aws.com", "filestore.csi.storage.gke.io",
                   "file.csi.azure.com", "uid"):
         assert words in section, words
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_namespaces_follow_one_setting(overlay, tmp_path):
+    """The KEDA queries named namespace="imagesearch" and the Prometheus of
+    namespace "monitoring": in any other namespace the autoscaler read an
+    empty result as an idle queue. Every string that names a namespace now
+    comes from imagesearch-settings: rendered as an operator's overlay
+    would set it, none of the old names is left."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(K8S / "overlays" / overlay, tmp_path)],  # kustomize: relative
+        "configMapGenerator": [{"name": "imagesearch-settings", "behavior": "merge", "literals": [
+            "namespace=search-prod", "prometheus-namespace=observability",
+            "milvus-namespace=vectors"]}],
+        "components": [os.path.relpath(K8S / "components" / "settings", tmp_path)]}))
+    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    objects_ = [o for o in yaml.safe_load_all(out.stdout) if o]
+    assert not any(o["metadata"]["name"] == "imagesearch-settings" for o in objects_)  # local
+    [scaled] = [o for o in objects_ if o["kind"] == "ScaledObject"]
+    for trigger in scaled["spec"]["triggers"]:
+        query = trigger["metadata"]["query"]
+        assert 'namespace="search-prod"' in query and '"imagesearch"' not in query, query
+        assert ".observability.svc:" in trigger["metadata"]["serverAddress"]
+    peers = json.dumps([o["spec"] for o in objects_ if o["kind"] == "NetworkPolicy"])
+    assert '"observability"' in peers and '"vectors"' in peers
+    assert '"monitoring"' not in peers and '"milvus"' not in peers
+    [search_env] = [o["data"] for o in objects_ if o["kind"] == "ConfigMap"
+                    and o["metadata"]["name"].startswith("imagesearch-search-")]
+    assert ".vectors.svc" in search_env["SEARCH_MILVUS_URI"]
+    names = [n for o in objects_ if o["kind"] == "Certificate" for n in o["spec"].get("dnsNames", [])]
+    if overlay == "tls":
+        assert "imagesearch-search.search-prod.svc.cluster.local" in names
+        assert "imagesearch-embedder.search-prod.svc" in names
+    assert not [n for n in names if ".imagesearch." in n]
