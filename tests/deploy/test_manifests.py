@@ -576,36 +576,39 @@ def test_a_broken_scaling_query_fails_loudly_and_scale_up_is_paced(overlay):
 
 def test_the_model_fetch_downloads_once_when_pods_start_together(tmp_path):
     """The fetch-model init container's own script, run as three pods would
-    run it on one shared volume (a directory here), after a pod that died
-    mid-download left its lock 31 minutes ago: one download, the others
-    wait for its marker, a later pod finds it cached. `hf` is a stand-in
+    run it on one shared volume (a directory here): one download, the others
+    wait for its marker, a later pod finds it cached; and a lock left by a
+    pod that died mid-download 31 minutes ago is ignored. `hf` is a stand-in
     that records its calls: the hub is unreachable from the test machines."""
     [init] = pod_spec("cpu", "imagesearch-embedder")["initContainers"]
-    models, tools = tmp_path / "models", tmp_path / "bin"
-    models.mkdir()
+    tools = tmp_path / "bin"
     tools.mkdir()
     (tools / "hf").write_text('#!/bin/sh\necho "$*" >> "$DOWNLOADS"\nsleep 2\n')
     (tools / "hf").chmod(0o755)
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "DOWNLOADS": str(tmp_path / "calls"),
-           "EMBEDDER_MODEL": "openai/clip-vit-base-patch32", "EMBEDDER_MODEL_REVISION": "abc123"}
-    script = init["args"][0].replace("/models", str(models))
-    stale = models / ".lock-openai_clip-vit-base-patch32_abc123"
-    stale.mkdir()
+
+    def pods(models, count: int) -> tuple[list[str], list[str]]:
+        models.mkdir(exist_ok=True)
+        calls = models.parent / f"{models.name}.calls"
+        env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "DOWNLOADS": str(calls),
+               "EMBEDDER_MODEL": "openai/clip-vit-base-patch32", "EMBEDDER_MODEL_REVISION": "abc123"}
+        script = init["args"][0].replace("/models", str(models))
+        running = [subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for _ in range(count)]
+        logs = [p.communicate(timeout=120)[0] for p in running]
+        assert [p.returncode for p in running] == [0] * count, logs
+        return logs, calls.read_text().splitlines() if calls.exists() else []
+
+    logs, calls = pods(tmp_path / "fresh", 3)
+    assert len(calls) == 1 and "--revision abc123" in calls[0], calls
+    assert any("waiting for another pod's download" in log for log in logs), logs
+    logs, calls = pods(tmp_path / "fresh", 1)  # a later pod
+    assert len(calls) == 1 and "cached: openai/clip-vit-base-patch32@abc123" in logs[0], logs
+    stale = tmp_path / "stale" / ".lock-openai_clip-vit-base-patch32_abc123"
+    stale.mkdir(parents=True)
     old = time.time() - 31 * 60
     os.utime(stale, (old, old))
-
-    def pod():
-        return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-    pods = [pod() for _ in range(3)]
-    logs = [p.communicate(timeout=120)[0] for p in pods]
-    assert [p.returncode for p in pods] == [0, 0, 0], logs
-    calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == 1 and "--revision abc123" in calls[0], calls
-    assert any("taking over a stale download lock" in log for log in logs), logs
-    assert not stale.exists()  # released by the pod that downloaded
-    later = pod()
-    assert "cached: openai/clip-vit-base-patch32@abc123" in later.communicate(timeout=60)[0]
+    logs, calls = pods(tmp_path / "stale", 1)
+    assert len(calls) == 1 and "over 30 minutes old" in logs[0], logs
 
 
 def test_the_model_claim_names_a_storage_class_that_the_docs_explain():
