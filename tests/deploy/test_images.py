@@ -223,8 +223,10 @@ def test_locks_are_hashed_agree_with_constraints_and_cover_the_extras(name):
     assert all(hashes for _, hashes in entries.values()), "every package carries its hashes"
     pins = constraints()
     for package, (version, _) in entries.items():
-        if package in pins:
-            assert version == pins[package], f"{name}: {package} {version} != constraints {pins[package]}"
+        # Every pin of every lock is in constraints.txt, with the same version:
+        # one file says what every install and image runs.
+        assert package in pins, f"{name}: {package}=={version} is not in constraints.txt"
+        assert version == pins[package], f"{name}: {package} {version} != constraints {pins[package]}"
     # Stale lock: a requirement pyproject's extras name that the lock lacks.
     wanted = extra_requirements(EXTRAS[name]) - ({"torch"} if name == "embedder-cpu.txt" else set())
     assert wanted <= set(entries), f"{name} lacks {sorted(wanted - set(entries))}: run compile.sh"
