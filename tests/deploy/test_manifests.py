@@ -419,6 +419,10 @@ def test_only_search_pods_reach_the_embedder_grpc_port(overlay):
     assert grpc == [[{"podSelector": {"matchLabels": SEARCH_LABELS}}]]
     opened = set().union(*(ports for _, ports in policy_rules(policy, "ingress")))
     assert opened == {("TCP", 50051), ("TCP", 9101)}
+    # Egress was open: now DNS and HTTPS (the hub, for fetch-model) only.
+    assert "Egress" in policy["spec"]["policyTypes"]
+    out = set().union(*(ports for _, ports in policy_rules(policy, "egress")))
+    assert out == {("UDP", 53), ("TCP", 53), ("TCP", 443)}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

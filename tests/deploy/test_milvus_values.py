@@ -186,3 +186,34 @@ def test_docs_compatibility_table_names_what_is_tested_and_declared():
     section = docs.split("### Compatibility", 1)[1].split("\n## ", 1)[0]
     for needle in ("Milvus Lite", "2.3.5", ours()["image"]["all"]["tag"].lstrip("v"), "consistency"):
         assert needle in section, needle
+
+
+def test_milvus_namespace_policies_admit_only_the_search_pods_and_milvus_itself():
+    """Nothing limited who reached Milvus, and the chart's etcd has auth off:
+    any pod could read the metadata and the vectors. The example policies
+    for the Milvus namespace let the search pods alone reach the proxy, and
+    Milvus alone (and their own peers) reach etcd and MinIO. The labels are
+    the chart's (milvus.matchLabels, bitnami etcd, the MinIO subchart)."""
+    import kubernetes_validate
+
+    policies = {p["metadata"]["name"]: p["spec"] for p in yaml.safe_load_all(
+        (DEPLOY / "milvus" / "networkpolicy.yaml").read_text()) if p}
+    for name, spec in policies.items():
+        kubernetes_validate.validate({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                                      "metadata": {"name": name}, "spec": spec},
+                                     kubernetes_validate.latest_version(), strict=True)
+    milvus = {"app.kubernetes.io/name": "milvus", "app.kubernetes.io/instance": "milvus"}
+    [proxy] = policies["milvus-proxy-from-imagesearch"]["ingress"]
+    assert [p["port"] for p in proxy["ports"]] == [19530]
+    assert proxy["from"] == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "imagesearch"}}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "imagesearch", "app.kubernetes.io/component": "search"}}}]
+    for name, own in (("milvus-etcd", {"app.kubernetes.io/name": "etcd",
+                                       "app.kubernetes.io/instance": "milvus"}),
+                      ("milvus-minio", {"app": "minio", "release": "milvus"})):
+        spec = policies[name]
+        assert spec["podSelector"]["matchLabels"] == own and spec["policyTypes"] == ["Ingress"]
+        peers = [peer for rule in spec["ingress"] for peer in rule["from"]]
+        assert peers and all(set(peer) == {"podSelector"} for peer in peers), name  # this namespace
+        assert {tuple(sorted(p["podSelector"]["matchLabels"].items())) for p in peers} == {
+            tuple(sorted(milvus.items())), tuple(sorted(own.items()))}, name
