@@ -1,12 +1,14 @@
 """deploy/milvus/values-distributed.yaml against the pinned chart's own values.yaml.
 
 tests/deploy/milvus-chart/ holds zilliztech/milvus-helm's charts/milvus
-values.yaml, Chart.yaml and templates/config.tpl at tag milvus-5.0.19,
-unmodified below a header (sha256 checked). A key our values set that the
+values.yaml, Chart.yaml, templates/config.tpl and the five coordinator
+Deployment templates at tag milvus-5.0.19, unmodified below a header
+(sha256 checked). A key our values set that the
 chart does not have is a typo Helm would silently ignore, so it fails here.
-Which message queue milvus.yaml names is decided by config.tpl's own
-conditions, read from the vendored template and evaluated on our values
-merged over the chart's (`rendered_mq_types`), not by which keys exist.
+Which message queue milvus.yaml names, and which coordinators run, are
+decided by the templates' own conditions, read from the vendored files and
+evaluated on our values merged over the chart's (`rendered_mq_types`,
+`rendered_coordinators`), not by which keys exist.
 """
 from __future__ import annotations
 
@@ -23,7 +25,17 @@ PINNED_CHART = "5.0.19"
 # sha256 of the files as the chart repository has them (the lines below our header).
 SHA256 = {"values.yaml": ("edfe192f3cfe1eca206d8737ec71af6bd7a9f896a9c2fed6689971478104deea", 3),
           "Chart.yaml": ("79748f45a25a76281cbfe014a00a0bd7790e405b46a2d5663506eb9de6094a15", 2),
-          "config.tpl": ("d040325a75aa24897cb4ca0b6d7a5428a05081860221f8303b392e87ce0d31a9", 3)}
+          "config.tpl": ("d040325a75aa24897cb4ca0b6d7a5428a05081860221f8303b392e87ce0d31a9", 3),
+          "templates/mixcoord-deployment.yaml": (
+              "e4544185f7a198558215b48e9d1d98877d5a041ec22b587150675ddfd1a2c86b", 3),
+          "templates/rootcoord-deployment.yaml": (
+              "6d76cc870f9564ab028d56ddd49f66ea0baf6faade65d8a6ef3e40b610a98f8b", 3),
+          "templates/querycoord-deployment.yaml": (
+              "526c6bc18c2648e34fd188489b307f0f2e4506ac0285e6d084b7014df6e4b0ea", 3),
+          "templates/datacoord-deployment.yaml": (
+              "5c39e9bd57868b20c78b5b8063fc176db4c03aec2123977dfc81972320e0702c", 3),
+          "templates/indexcoord-deployment.yaml": (
+              "d241de51ba24857f9efad2853dcfb015a8921fde728a5ec8817dd650a7d473a9", 3)}
 VALUES_FILE = DEPLOY / "milvus" / "values-distributed.yaml"
 COORDINATORS = ("rootCoordinator", "queryCoordinator", "dataCoordinator", "indexCoordinator")
 # The Milvus processes of a 2.6 cluster: each reads milvus.yaml's MinIO keys.
@@ -60,7 +72,7 @@ def test_vendored_chart_files_are_unmodified():
     for name, (digest, header_lines) in SHA256.items():
         lines = (CHART / name).read_text().splitlines(keepends=True)
         header = "".join(lines[:header_lines])
-        assert header.startswith("{{- /*") if name.endswith(".tpl") else \
+        assert header.startswith("{{- /*") if "templates/" in name or name.endswith(".tpl") else \
             all(line.startswith("#") for line in lines[:header_lines])
         assert "milvus-5.0.19" in header
         assert hashlib.sha256("".join(lines[header_lines:]).encode()).hexdigest() == digest, name
@@ -146,13 +158,39 @@ def rendered_mq_types(values: dict) -> list[str]:
     types = []
     for chain in chains:
         for condition, mq_type in chain:
-            node = values
-            for key in condition.split("."):
-                node = node.get(key, {}) if isinstance(node, dict) else {}
-            if node is True:
+            if value(values, condition) is True:
                 types.append(mq_type)
                 break
     return types
+
+
+def value(values: dict, path: str):
+    node = values
+    for key in path.split("."):
+        node = node.get(key, {}) if isinstance(node, dict) else {}
+    return node
+
+
+def rendered_coordinators(values: dict) -> set[str]:
+    """The coordinator Deployments the chart renders for `values`: each
+    template is guarded by its first line, `{{- if and .Values.A .Values.B }}`."""
+    running = set()
+    for template in sorted((CHART / "templates").glob("*coord-deployment.yaml")):
+        guard = next(line for line in template.read_text().splitlines() if not line.startswith(
+            ("{{- /*", "(commit", "Apache")))
+        conditions = re.fullmatch(r"\{\{-\s*if and((?:\s+\.Values\.[\w.]+)+)\s*\}\}", guard)
+        assert conditions, f"{template.name} is no longer guarded as this test reads it: {guard}"
+        if all(value(values, c.removeprefix(".Values.")) is True for c in conditions.group(1).split()):
+            running.add(template.name.removesuffix("-deployment.yaml"))
+    return running
+
+
+def test_the_chart_runs_the_mix_coordinator_alone():
+    """By the templates' own guards: mixcoord in cluster mode, and none of the
+    four coordinators it replaces beside it."""
+    assert rendered_coordinators(merged(chart_values(), ours())) == {"mixcoord"}
+    assert rendered_coordinators(merged(chart_values(), {"rootCoordinator": {"enabled": True}})) \
+        == {"mixcoord", "rootcoord"}  # what a stray value would add
 
 
 def test_the_chart_renders_woodpecker_as_the_one_message_queue():
