@@ -105,8 +105,8 @@ def _too_big_message(width: int, height: int, max_pixels: int) -> str:
 # 12.5 Mpx for 16-bit PNG: every image allowed decodes in about a second.
 _COST = {"WEBP": 2, "PNG": 2}
 # A progressive JPEG is decoded once per scan: each scan over the whole image
-# costs about a tenth of a baseline decode (0.8 ns a pixel a scan, measured:
-# 2,000 scans of 4 Mpx took 6.2 s). Encoders write about 10 scans; a crafted
+# costs about a tenth of a baseline decode of a photograph (0.5-0.8 ns a
+# pixel a scan; bench/decode_cost.py, docs/benchmarks.md). Encoders write about 10 scans; a crafted
 # file repeats one refinement scan thousands of times, 26 bytes each, so the
 # scans are counted from the bytes (every 0xFFDA is a start-of-scan marker:
 # entropy-coded data stuffs each 0xFF with 0x00) and capped, as
