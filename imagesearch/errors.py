@@ -19,7 +19,7 @@ from __future__ import annotations
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-DOMAIN = "imagesearch"
+DOMAIN = "imagesearch"  # of the ErrorInfo reasons our servers send (imagesearch.status)
 
 
 class ImageSearchError(grpc.RpcError):

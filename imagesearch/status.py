@@ -5,7 +5,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-DOMAIN = "imagesearch"  # of every google.rpc.ErrorInfo our servers send
+from imagesearch.errors import DOMAIN  # of every google.rpc.ErrorInfo our servers send
 
 
 async def abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
